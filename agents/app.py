@@ -1,0 +1,103 @@
+"""Builds the faust app from settings and binds its services, agents and tables.
+
+* ``IngestWorker`` (an ``app.service``): the batch hot path, see agents/ingest.py.
+* ``aggregate`` (an agent) with three Tables: closes periods globally from the
+  partitions' partials and progress (low volume: a few messages per partition
+  per period), and publishes them on ``kpimon.periods``.
+* ``/metrics`` (an ``app.page``): Prometheus exposition.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faust
+import mode
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agents.core.aggregate import Aggregator
+from agents.exporter import KpimonMetrics, StateCollector, new_registry
+from agents.ingest import IngestService
+from streams import topics as wire
+from streams.topics import Topics
+
+log = logging.getLogger("kpimon.app")
+
+
+def create_app(settings: Any, registry=None) -> faust.App:  # noqa: ANN001
+    topics = Topics(settings.kafka.topic_prefix, settings.worker.app_id)
+    registry = registry or new_registry()
+    metrics = KpimonMetrics(registry, settings.event_types, settings.channels, settings.money.decimals)
+    ingest = IngestService(settings, metrics)
+    registry.register(StateCollector(ingest.owned_engines, settings.money.decimals))
+    session = max(2.0, settings.worker.session_timeout / 1000)
+
+    app = faust.App(
+        f"{settings.kafka.topic_prefix}{settings.worker.app_id}-agg",
+        broker=settings.kafka.broker,
+        store="memory://",
+        autodiscover=False,
+        topic_replication_factor=1,
+        topic_partitions=1,
+        web_enabled=True,
+        web_host=settings.worker.web_host,
+        web_bind=settings.worker.web_host,
+        web_port=settings.worker.web_port,
+        broker_session_timeout=session,
+        broker_heartbeat_interval=max(0.3, session / 4),
+        broker_rebalance_timeout=max(2.0, session),
+        consumer_auto_offset_reset="earliest",
+        producer_max_request_size=16 * 1024 * 1024,
+        web_in_thread=False,
+    )
+    app.kpimon_settings = settings
+    app.kpimon_ingest = ingest
+    app.kpimon_registry = registry
+
+    @app.service
+    class IngestWorker(mode.Service):
+        """Hosts the batch consumer inside the faust worker."""
+
+        async def on_start(self) -> None:
+            await ingest.start()
+            self.add_future(self._run())
+
+        async def _run(self) -> None:
+            try:
+                await ingest.run()
+            except Exception:
+                log.exception("ingest loop crashed; stopping the worker")
+                await app.crash(RuntimeError("ingest loop crashed"))
+
+        async def on_stop(self) -> None:
+            await ingest.stop()
+
+    partials_topic = app.topic(topics.partials, value_serializer="raw", key_serializer="raw", partitions=1)
+    periods_topic = app.topic(topics.periods, value_serializer="raw", key_serializer="raw", partitions=1)
+    partials_table = app.Table("period-partials", default=None, partitions=1)
+    progress_table = app.Table("partition-progress", default=None, partitions=1)
+    closed_table = app.Table("closed-periods", default=None, partitions=1)
+    aggregator = Aggregator(partials_table, progress_table, closed_table)
+    app.kpimon_aggregator = aggregator
+
+    @app.agent(partials_topic)
+    async def aggregate(stream):  # noqa: ANN001, ANN202
+        async for raw in stream:
+            msg = wire.decode_partials(raw)
+            if isinstance(msg, wire.Partial):
+                aggregator.on_partial(msg)
+                continue
+            for out in aggregator.on_progress(msg):
+                key = f"{out.grain}/{out.period}" if isinstance(out, wire.ClosedPeriod) else "watermark"
+                await periods_topic.send(key=key.encode(), value=wire.json_encode(out))
+
+    @app.page("/metrics")
+    async def metrics_page(web, request):  # noqa: ANN001, ANN202
+        return web.bytes(generate_latest(registry), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    @app.page("/healthz")
+    async def health(web, request):  # noqa: ANN001, ANN202
+        return web.json({"partitions": sorted(ingest.engines), "batches": ingest.batches})
+
+    return app

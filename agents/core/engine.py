@@ -1,0 +1,356 @@
+"""The per-partition engine: dedup, lateness, ordering, lifecycle and periods.  Pure.
+
+One :class:`PartitionEngine` owns the state of one input partition.  Events are
+*offered* in arrival order; each is accepted, or refused as a duplicate or as
+late.  Accepted events wait in a reorder buffer until the watermark passes
+them, and are then applied in event-time order ``(ts, event_id)``.  Because of
+that, the state only depends on the *set* of accepted events, never on their
+arrival order or on how they were batched.
+
+Watermark: ``wm = max(max accepted ts - lateness, clock - lateness, marker)``.
+An event with ``ts < wm`` is late.  Everything strictly before ``wm`` is final:
+buffered events with ``ts < wm`` are applied, and lifecycle entries at instants
+``< wm`` are emitted.  Each day boundary the watermark crosses closes the
+periods (of every grain) that end there; their numbers go to the outbox.
+
+The engine never does I/O.  The agent that hosts it persists, for each batch,
+exactly the inputs that changed it (see :class:`agents.statelog.Record`), so
+replaying those records rebuilds the same state after a crash.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import Callable
+
+from agents.core.lifecycle import ACTIVE, CHURNED, DEAD, STATES, Ladder, Thresholds
+from agents.core.metrics import ENTERED, PeriodMetrics
+from agents.core.periods import GRAINS, Calendar, Period
+from streams.events import INVITE, PURCHASE, REFUND, SIGNUP, Event
+
+NEVER = -(2**62)  # "minus infinity" for timestamps; compares as an int
+DAY = 86_400_000
+WINDOWS = (DAY, 7 * DAY, 30 * DAY)
+WINDOW_NAMES = ("1d", "7d", "30d")
+
+ACCEPTED, DUPLICATE, LATE = 0, 1, 2
+_order = attrgetter("ts", "event_id")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    calendar: Calendar
+    thresholds: Thresholds
+    lateness: int
+    dedup_horizon: int
+    channel_label: Callable[[str | None], str] = lambda ch: ch or "unknown"
+
+    @classmethod
+    def from_settings(cls, settings) -> EngineConfig:  # noqa: ANN001 - config.settings.Settings
+        return cls(
+            calendar=Calendar(settings.timezone),
+            thresholds=Thresholds(*settings.lifecycle.thresholds),
+            lateness=settings.lateness,
+            dedup_horizon=settings.dedup_horizon,
+            channel_label=settings.channel_label,
+        )
+
+
+class User:
+    """Per-user state.  ``last`` is the last applied activity instant."""
+
+    __slots__ = ("last", "signup", "last_purchase")
+
+    def __init__(self, last: int) -> None:
+        self.last = last
+        self.signup = NEVER
+        self.last_purchase = NEVER
+
+
+@dataclass
+class Closed:
+    """A period's numbers from one partition, final once emitted."""
+
+    period: Period
+    metrics: PeriodMetrics
+
+
+@dataclass
+class Totals:
+    accepted: int = 0
+    duplicates: int = 0
+    late: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def add_rejected(self, reason: str, n: int = 1) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + n
+
+
+class PartitionEngine:
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self.cal = cfg.calendar
+        self.th = cfg.thresholds
+        self.lateness = cfg.lateness
+        self.ladder = Ladder.build(cfg.thresholds, WINDOWS)
+        self.max_ts = NEVER
+        self.wm = NEVER
+        self.cursor: int | None = None  # everything before it has been applied
+        self.buffer: list[Event] = []
+        self.dedup: dict[str, int] = {}
+        self._dedup_q: deque[tuple[int, str]] = deque()
+        self.users: dict[str, User] = {}
+        # zones[k]: user_id -> last activity, ordered by last activity.
+        self.zones: list[OrderedDict[str, int]] = [OrderedDict() for _ in self.ladder.bounds]
+        self.totals = Totals()
+        self.outbox: list[Closed] = []
+        # (from_state, to_state) -> count, drained by the exporter.
+        self.transitions: dict[tuple[int, int], int] = {}
+        # The open period of each grain and its accumulator.  Additive metrics
+        # live on the day accumulator only and roll up when the day closes.
+        self._periods: list[Period] = []
+        self._accs: list[PeriodMetrics] = []
+
+    # ------------------------------------------------------------------ input
+    def offer(self, ev: Event) -> int:
+        """Decide on one event in arrival order: ACCEPTED, DUPLICATE or LATE."""
+        if ev.event_id in self.dedup:
+            self.totals.duplicates += 1
+            return DUPLICATE
+        if ev.ts < self.wm:
+            self.totals.late += 1
+            return LATE
+        self.accept(ev)
+        return ACCEPTED
+
+    def accept(self, ev: Event) -> None:
+        """Take an event known to be acceptable (live after :meth:`offer`, or on replay)."""
+        ts = ev.ts
+        self.dedup[ev.event_id] = ts
+        self._dedup_q.append((ts, ev.event_id))
+        self.buffer.append(ev)
+        self.totals.accepted += 1
+        if ts > self.max_ts:
+            self.max_ts = ts
+            if ts - self.lateness > self.wm:
+                self.wm = ts - self.lateness
+        if self.cursor is None:
+            self.cursor = self.wm
+            self._open_periods(self.wm)
+
+    def advance(self, clock: int | None = None, marker: int | None = None) -> None:
+        """Move the watermark (wall clock and/or an explicit marker), apply what is final."""
+        if clock is not None and clock - self.lateness > self.wm:
+            self.wm = clock - self.lateness
+        if marker is not None and marker > self.wm:
+            self.wm = marker
+        if self.cursor is not None and self.cursor < self.wm:
+            self._process_until(self.wm)
+        self._expire_dedup()
+
+    # -------------------------------------------------------------- internals
+    def _open_periods(self, instant: int) -> None:
+        self._periods = list(self.cal.periods_at(instant))
+        self._accs = [PeriodMetrics() for _ in self._periods]
+
+    def _expire_dedup(self) -> None:
+        horizon = self.wm - self.cfg.dedup_horizon
+        q, d = self._dedup_q, self.dedup
+        while q and q[0][0] < horizon:
+            ts, eid = q.popleft()
+            if d.get(eid) == ts:
+                del d[eid]
+
+    def _process_until(self, target: int) -> None:
+        buf = self.buffer
+        buf.sort(key=_order)
+        n = len(buf)
+        i = 0
+        cursor = self.cursor
+        assert cursor is not None
+        while cursor < target:
+            boundary = self._periods[0].end_ms
+            step_end = boundary if boundary < target else target
+            while i < n and buf[i].ts < step_end:
+                self._apply(buf[i])
+                i += 1
+            self._age(step_end)
+            cursor = self.cursor = step_end
+            if step_end == boundary:
+                self._close(boundary)
+        if i:
+            del buf[:i]
+
+    def _zone_of(self, last: int) -> int:
+        """Zone of a user whose aging was last scanned up to ``self.cursor``."""
+        bounds = self.ladder.bounds
+        k = 0
+        cursor = self.cursor
+        while k + 1 < len(bounds) and last + bounds[k + 1] < cursor:
+            k += 1
+        return k
+
+    def _enter(self, frm: int, to: int) -> None:
+        """Count a lifecycle entry at an instant inside the current day."""
+        if to > frm:
+            acc = self._accs[0]
+            for s in range(frm + 1, to + 1):
+                name = ENTERED[s - 1]
+                setattr(acc, name, getattr(acc, name) + 1)
+                key = (s - 1, s)
+                self.transitions[key] = self.transitions.get(key, 0) + 1
+
+    def _apply(self, ev: Event) -> None:
+        t = ev.ts
+        uid = ev.user_id
+        accs = self._accs
+        periods = self._periods
+        day = accs[0]
+        user = self.users.get(uid)
+        zones = self.zones
+        if user is None:
+            user = self.users[uid] = User(t)
+            zones[0][uid] = t
+            for acc in accs:
+                acc.active_users += 1
+        else:
+            a = user.last
+            if t > a:
+                zone = self._zone_of(a)
+                # Entries after the last scan but before this activity.
+                states = self.ladder.state
+                bounds = self.ladder.bounds
+                k = zone
+                while k + 1 < len(bounds) and a + bounds[k + 1] < t:
+                    k += 1
+                frm = states[zone]
+                before = states[k]
+                self._enter(frm, before)
+                if before != ACTIVE:
+                    key = (before, ACTIVE)
+                    self.transitions[key] = self.transitions.get(key, 0) + 1
+                    gap = t - a
+                    if gap > self.th.dead:
+                        day.won_back_dead += 1
+                    elif gap > self.th.churned:
+                        day.won_back_churned += 1
+                if zone:
+                    del zones[zone][uid]
+                    zones[0][uid] = t
+                else:
+                    z0 = zones[0]
+                    z0[uid] = t
+                    z0.move_to_end(uid)
+                for g, acc in enumerate(accs):
+                    if a < periods[g].start_ms:
+                        acc.active_users += 1
+                    else:
+                        break
+                user.last = t
+        code = ev.code
+        if code == PURCHASE:
+            day.orders += 1
+            day.revenue += ev.amount
+            lp = user.last_purchase
+            for g, acc in enumerate(accs):
+                if lp < periods[g].start_ms:
+                    acc.paying_users += 1
+                else:
+                    break
+            user.last_purchase = t
+        elif code == SIGNUP:
+            if user.signup == NEVER:
+                user.signup = t
+                day.new_users += 1
+                ch = self.cfg.channel_label(ev.channel)
+                day.new_users_by_channel[ch] = day.new_users_by_channel.get(ch, 0) + 1
+                if ev.referrer_id is not None:
+                    day.referred_signups += 1
+        elif code == REFUND:
+            day.revenue -= ev.amount
+            day.refunds += ev.amount
+        elif code == INVITE:
+            day.invites += 1
+
+    def _age(self, limit: int) -> None:
+        """Move users whose inactivity crosses a zone bound before ``limit``."""
+        bounds = self.ladder.bounds
+        states = self.ladder.state
+        zones = self.zones
+        for k in range(1, len(bounds)):
+            src, dst, bound = zones[k - 1], zones[k], bounds[k]
+            if not src:
+                continue
+            entering = states[k] != states[k - 1]
+            while src:
+                uid, a = next(iter(src.items()))
+                if a + bound >= limit:
+                    break
+                src.popitem(last=False)
+                dst[uid] = a
+                if entering:
+                    self._enter(states[k - 1], states[k])
+
+    def population(self) -> list[int]:
+        """Users per lifecycle state as of the last scan (just before ``cursor``)."""
+        pop = [0] * len(STATES)
+        for k, zone in enumerate(self.zones):
+            pop[self.ladder.state[k]] += len(zone)
+        return pop
+
+    def active_in_windows(self) -> list[int]:
+        """Distinct users active within 1d, 7d, 30d before the cursor."""
+        return [sum(len(self.zones[k]) for k in range(n)) for n in self.ladder.window_zones]
+
+    def _close(self, boundary: int) -> None:
+        pop = self.population()
+        periods, accs = self._periods, self._accs
+        day = accs[0]
+        for g in range(1, len(GRAINS)):
+            accs[g].add_additive(day)
+        for g, (period, acc) in enumerate(zip(periods, accs)):
+            if period.end_ms == boundary:
+                acc.population = list(pop)
+                self.outbox.append(Closed(period, acc))
+                periods[g] = self.cal.period_at(boundary, GRAINS[g])
+                accs[g] = PeriodMetrics()
+
+    # ---------------------------------------------------------------- queries
+    def open_metrics(self) -> list[tuple[Period, PeriodMetrics]]:
+        """The open period of each grain with its numbers so far (live gauges)."""
+        if not self._periods:
+            return []
+        day = self._accs[0]
+        out = [(self._periods[0], day.combined(PeriodMetrics()))]
+        for period, acc in zip(self._periods[1:], self._accs[1:]):
+            out.append((period, acc.combined(day)))
+        pop = self.population()
+        for _, m in out:
+            m.population = list(pop)
+        return out
+
+    def take_outbox(self) -> list[Closed]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    def take_transitions(self) -> dict[tuple[int, int], int]:
+        out, self.transitions = self.transitions, {}
+        return out
+
+
+__all__ = [
+    "ACCEPTED",
+    "DUPLICATE",
+    "LATE",
+    "NEVER",
+    "WINDOWS",
+    "WINDOW_NAMES",
+    "Closed",
+    "EngineConfig",
+    "PartitionEngine",
+    "Totals",
+    "CHURNED",
+    "DEAD",
+]

@@ -1,0 +1,131 @@
+"""Per-period metric accumulators: initialize / add / merge / result.  Pure.
+
+One :class:`PeriodMetrics` holds one partition's (or the merged) numbers of one
+calendar period.  Money is an int of minor currency units, never a float.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agents.core.lifecycle import STATES
+
+# Counts that add up over days (a month's orders = the sum of its days' orders).
+ADDITIVE = (
+    "new_users",
+    "orders",
+    "revenue",
+    "refunds",
+    "invites",
+    "referred_signups",
+    "entered_silent",
+    "entered_sleeping",
+    "entered_churned",
+    "entered_dead",
+    "won_back_churned",
+    "won_back_dead",
+)
+# Distinct-user counts, counted per grain directly.
+DISTINCT = ("active_users", "paying_users")
+ENTERED = ("entered_silent", "entered_sleeping", "entered_churned", "entered_dead")  # index = state - 1
+
+
+class PeriodMetrics:
+    """Accumulator of one period.  Plain attributes: the engine bumps them inline."""
+
+    __slots__ = (*ADDITIVE, *DISTINCT, "population", "new_users_by_channel")
+
+    def __init__(self) -> None:
+        for name in ADDITIVE:
+            setattr(self, name, 0)
+        for name in DISTINCT:
+            setattr(self, name, 0)
+        self.population: list[int] = [0] * len(STATES)
+        self.new_users_by_channel: dict[str, int] = {}
+
+    def add_additive(self, other: PeriodMetrics) -> None:
+        """Roll a finer period (a closed day) into this coarser one."""
+        for name in ADDITIVE:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for ch, n in other.new_users_by_channel.items():
+            self.new_users_by_channel[ch] = self.new_users_by_channel.get(ch, 0) + n
+
+    def merge(self, other: PeriodMetrics) -> PeriodMetrics:
+        """Sum of two partitions' numbers for the same period (users are partitioned)."""
+        out = PeriodMetrics()
+        for name in (*ADDITIVE, *DISTINCT):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        out.population = [a + b for a, b in zip(self.population, other.population)]
+        chans = dict(self.new_users_by_channel)
+        for ch, n in other.new_users_by_channel.items():
+            chans[ch] = chans.get(ch, 0) + n
+        out.new_users_by_channel = chans
+        return out
+
+    def combined(self, other: PeriodMetrics) -> PeriodMetrics:
+        """This coarse period's rolled-up days plus the open day ``other`` (live gauges)."""
+        out = PeriodMetrics()
+        for name in ADDITIVE:
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        for name in DISTINCT:
+            setattr(out, name, getattr(self, name))
+        out.population = list(self.population)
+        out.new_users_by_channel = dict(self.new_users_by_channel)
+        return out
+
+    # -- wire form (partials between worker and aggregator, state snapshots) --
+    def to_wire(self) -> dict[str, Any]:
+        data: dict[str, Any] = {name: getattr(self, name) for name in (*ADDITIVE, *DISTINCT)}
+        data["population"] = list(self.population)
+        data["new_users_by_channel"] = dict(sorted(self.new_users_by_channel.items()))
+        return data
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> PeriodMetrics:
+        out = cls()
+        for name in (*ADDITIVE, *DISTINCT):
+            setattr(out, name, int(data[name]))
+        out.population = [int(x) for x in data["population"]]
+        out.new_users_by_channel = {str(k): int(v) for k, v in data["new_users_by_channel"].items()}
+        return out
+
+    def is_empty(self) -> bool:
+        """No event, no entry and no user at all: a period before any data."""
+        return not any(getattr(self, n) for n in (*ADDITIVE, *DISTINCT)) and not any(self.population)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PeriodMetrics) and self.to_wire() == other.to_wire()
+
+    def __repr__(self) -> str:
+        return f"PeriodMetrics({self.to_wire()})"
+
+    def result(self, warning_state: str, money: Any) -> dict[str, Any]:
+        """The user-facing numbers (docs/metrics.md).  ``money`` formats minor units."""
+        won_back = self.won_back_churned + self.won_back_dead
+        return {
+            "new_users": self.new_users,
+            "active_users": self.active_users,
+            "orders": self.orders,
+            "paying_users": self.paying_users,
+            "revenue": money(self.revenue),
+            "refunds": money(self.refunds),
+            "invites": self.invites,
+            "referred_signups": self.referred_signups,
+            "entered_silent": self.entered_silent,
+            "entered_sleeping": self.entered_sleeping,
+            "entered_churned": self.entered_churned,
+            "entered_dead": self.entered_dead,
+            "churn_warnings": getattr(self, f"entered_{warning_state}"),
+            "churned": self.entered_churned,
+            "won_back": won_back,
+            "won_back_by_depth": {"churned": self.won_back_churned, "dead": self.won_back_dead},
+            "population": dict(zip(STATES, self.population)),
+            "new_users_by_channel": dict(sorted(self.new_users_by_channel.items())),
+        }
+
+
+def merge_all(items: list[PeriodMetrics]) -> PeriodMetrics:
+    out = PeriodMetrics()
+    for item in items:
+        out = out.merge(item)
+    return out

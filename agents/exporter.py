@@ -1,0 +1,161 @@
+"""Prometheus metrics, created in one place.
+
+* Counters are per worker process and monotonic; they are bumped once per batch
+  with pre-bound label children (label values come from allow-lists, never
+  from user ids).
+* Gauges derived from state (population, rolling actives, open-period values,
+  watermark) are computed at scrape time by :class:`StateCollector` from the
+  engines of the partitions this worker owns, so summing a series over workers
+  gives the true total.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from agents.core.engine import WINDOW_NAMES, PartitionEngine
+from agents.core.lifecycle import STATES
+from agents.core.metrics import ADDITIVE, DISTINCT
+from streams.events import Reason
+
+PERIOD_METRICS = tuple(m for m in (*DISTINCT, *ADDITIVE) if m not in ("won_back_churned", "won_back_dead")) + (
+    "won_back",
+)
+MONEY_METRICS = {"revenue", "refunds"}
+
+
+@dataclass
+class Tally:
+    """What one batch contributes to the counters."""
+
+    types: dict[str, int] = field(default_factory=dict)
+    signups: dict[str, int] = field(default_factory=dict)
+    orders: int = 0
+    invites: int = 0
+    revenue: int = 0  # minor units
+    refunds: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    late: int = 0
+
+
+class KpimonMetrics:
+    def __init__(self, registry: CollectorRegistry, event_types: Iterable[str], channels: Iterable[str], decimals: int):
+        self.registry = registry
+        self._unit = 10**decimals
+        events = Counter("kpimon_events", "Accepted events by type", ["type"], registry=registry)
+        self.events = {t: events.labels(t) for t in (*event_types, "other")}
+        rejected = Counter("kpimon_events_rejected", "Events sent to the dead-letter topic, by reason", ["reason"],
+                           registry=registry)
+        self.rejected = {r.value: rejected.labels(r.value) for r in Reason}
+        self.duplicates = Counter("kpimon_events_duplicate", "Events refused as duplicates of an event_id",
+                                  registry=registry)
+        self.late = Counter("kpimon_events_late", "Events refused as late (below the watermark)", registry=registry)
+        signups = Counter("kpimon_signups", "Signup events by acquisition channel", ["channel"], registry=registry)
+        self.signups = {c: signups.labels(c) for c in (*channels, "other", "unknown")}
+        self.revenue = Counter("kpimon_revenue", "Purchase amounts in currency units", registry=registry)
+        self.refunds = Counter("kpimon_refunds", "Refund amounts in currency units", registry=registry)
+        self.orders = Counter("kpimon_orders", "Purchase events", registry=registry)
+        self.invites = Counter("kpimon_invites", "Invite events", registry=registry)
+        transitions = Counter("kpimon_lifecycle_transitions", "Lifecycle transitions (win-backs have to=active)",
+                              ["from", "to"], registry=registry)
+        self.transitions = {
+            (i, j): transitions.labels(STATES[i], STATES[j])
+            for i in range(len(STATES))
+            for j in range(len(STATES))
+            if j == i + 1 or (j == 0 and i > 0)
+        }
+
+    def observe(self, tally: Tally) -> None:
+        for t, n in tally.types.items():
+            (self.events.get(t) or self.events["other"]).inc(n)
+        for ch, n in tally.signups.items():
+            (self.signups.get(ch) or self.signups["other"]).inc(n)
+        for reason, n in tally.rejected.items():
+            self.rejected[reason].inc(n)
+        if tally.duplicates:
+            self.duplicates.inc(tally.duplicates)
+        if tally.late:
+            self.late.inc(tally.late)
+        if tally.orders:
+            self.orders.inc(tally.orders)
+        if tally.invites:
+            self.invites.inc(tally.invites)
+        if tally.revenue:
+            self.revenue.inc(tally.revenue / self._unit)
+        if tally.refunds:
+            self.refunds.inc(tally.refunds / self._unit)
+
+    def observe_transitions(self, transitions: dict[tuple[int, int], int]) -> None:
+        for key, n in transitions.items():
+            self.transitions[key].inc(n)
+
+
+class StateCollector(Collector):
+    """Scrape-time gauges from the engines this worker owns."""
+
+    def __init__(self, engines: Callable[[], Iterable[PartitionEngine]], decimals: int) -> None:
+        self._engines = engines
+        self._unit = 10**decimals
+
+    def describe(self):  # noqa: ANN201 - prometheus_client protocol
+        return []
+
+    def collect(self):  # noqa: ANN201
+        engines = [e for e in self._engines() if e.cursor is not None]
+        users = GaugeMetricFamily("kpimon_lifecycle_users", "Users per lifecycle state as of the watermark", labels=["state"])
+        pop = [0] * len(STATES)
+        for e in engines:
+            for i, n in enumerate(e.population()):
+                pop[i] += n
+        for state, n in zip(STATES, pop):
+            users.add_metric([state], n)
+        yield users
+
+        active = GaugeMetricFamily("kpimon_active_users", "Distinct users active within the rolling window", labels=["window"])
+        win = [0] * len(WINDOW_NAMES)
+        for e in engines:
+            for i, n in enumerate(e.active_in_windows()):
+                win[i] += n
+        for name, n in zip(WINDOW_NAMES, win):
+            active.add_metric([name], n)
+        yield active
+
+        yield self._period_values(engines)
+
+        wm = GaugeMetricFamily("kpimon_watermark_timestamp_seconds",
+                               "Lowest event-time watermark of this worker's partitions", labels=[])
+        if engines:
+            wm.add_metric([], min(e.wm for e in engines) / 1000)
+        yield wm
+
+    def _period_values(self, engines: list[PartitionEngine]) -> GaugeMetricFamily:
+        fam = GaugeMetricFamily("kpimon_period_value",
+                                "Value so far of the open calendar period of each grain (money in currency units)",
+                                labels=["metric", "grain"])
+        # The open period of a grain is the latest one among this worker's partitions.
+        latest: dict[str, tuple[int, dict[str, float]]] = {}
+        for e in engines:
+            for period, m in e.open_metrics():
+                values = {name: getattr(m, name) for name in (*DISTINCT, *ADDITIVE)}
+                values["won_back"] = m.won_back_churned + m.won_back_dead
+                cur = latest.get(period.grain)
+                if cur is None or period.start_ms > cur[0]:
+                    latest[period.grain] = (period.start_ms, values)
+                elif period.start_ms == cur[0]:
+                    for k, v in values.items():
+                        cur[1][k] += v
+        for grain, (_, values) in latest.items():
+            for name in PERIOD_METRICS:
+                v = values[name]
+                fam.add_metric([name, str(grain)], v / self._unit if name in MONEY_METRICS else v)
+        return fam
+
+
+def new_registry() -> CollectorRegistry:
+    return CollectorRegistry(auto_describe=False)

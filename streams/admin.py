@@ -1,0 +1,156 @@
+"""Topic administration and producing tools (kafka-python, synchronous).
+
+Used by the CLI (``send``, ``backfill``, ``topics create``), tests and
+benchmarks; the worker calls :func:`ensure_topics` in a thread at start-up.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable, Iterator
+
+import orjson
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from streams.topics import WATERMARK_HEADER, Topics
+
+
+def _admin(bootstrap: str) -> KafkaAdminClient:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="kpimon-admin", request_timeout_ms=15000)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def ensure_topics(bootstrap: str, topics: Topics, partitions: int) -> int:
+    """Create missing topics; return the partition count of the events topic.
+
+    The state log gets the events topic's partition count (partition *p* of the
+    log belongs to partition *p* of the input); the outputs get one partition.
+    """
+    admin = _admin(bootstrap)
+    try:
+        existing = set(admin.list_topics())
+        events_parts = partitions
+        if topics.events in existing:
+            events_parts = len(_partitions(bootstrap, topics.events))
+        wanted = {topics.events: events_parts, topics.state_log: events_parts}
+        for name in topics.single_partition():
+            wanted[name] = 1
+        new = [NewTopic(name, n, 1) for name, n in wanted.items() if name not in existing]
+        if new:
+            try:
+                admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+        deadline = time.monotonic() + 30
+        while True:  # wait until metadata shows every topic
+            have = set(admin.list_topics())
+            if all(name in have for name in wanted):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"topics not visible after creation: {sorted(set(wanted) - have)}")
+            time.sleep(0.1)
+        return events_parts
+    finally:
+        admin.close()
+
+
+def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
+    admin = _admin(bootstrap)
+    try:
+        existing = set(admin.list_topics())
+        doomed = [n for n in names if n in existing]
+        if doomed:
+            admin.delete_topics(doomed)
+    finally:
+        admin.close()
+
+
+def _partitions(bootstrap: str, topic: str) -> set[int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            parts = consumer.partitions_for_topic(topic)
+            if parts:
+                return parts
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no partitions for {topic}")
+            time.sleep(0.1)
+    finally:
+        consumer.close()
+
+
+def user_key(line: bytes) -> bytes | None:
+    """The partition key of a raw event line: its ``user_id``, if it has one."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(obj, dict):
+        uid = obj.get("user_id")
+        if isinstance(uid, str):
+            return uid.encode()
+    return None
+
+
+def producer(bootstrap: str) -> KafkaProducer:
+    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=512 * 1024,
+                         max_request_size=16 * 1024 * 1024)
+
+
+def produce_lines(bootstrap: str, topic: str, lines: Iterable[bytes], progress=None) -> int:  # noqa: ANN001
+    """Produce raw JSON lines keyed by user_id (bad lines too: the worker dead-letters them)."""
+    prod = producer(bootstrap)
+    n = 0
+    try:
+        for line in lines:
+            prod.send(topic, value=line, key=user_key(line))
+            n += 1
+            if progress is not None and n % 5000 == 0:
+                progress(5000)
+        prod.flush()
+        if progress is not None:
+            progress(n % 5000)
+    finally:
+        prod.close()
+    return n
+
+
+def send_watermark(bootstrap: str, topic: str, partitions: int, watermark_ms: int) -> None:
+    """Write a watermark marker into every partition of the events topic."""
+    prod = producer(bootstrap)
+    try:
+        for p in range(partitions):
+            prod.send(topic, value=b"", partition=p, headers=[(WATERMARK_HEADER, str(watermark_ms).encode())])
+        prod.flush()
+    finally:
+        prod.close()
+
+
+def read_lines(path: str) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        for line in fh:
+            line = line.rstrip(b"\r\n")
+            if line.strip():
+                yield line
+
+
+def consume_all(bootstrap: str, topic: str, timeout_s: float = 1.0) -> list:
+    """Every record of a topic from the beginning (tests and reports)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
+                             consumer_timeout_ms=int(timeout_s * 1000))
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        return list(consumer)
+    finally:
+        consumer.close()
