@@ -80,6 +80,7 @@ def create_app(settings: Any, registry=None) -> faust.App:  # noqa: ANN001
     closed_table = app.Table("closed-periods", default=None, partitions=1)
     aggregator = Aggregator(partials_table, progress_table, closed_table)
     app.kpimon_aggregator = aggregator
+    app.kpimon_periods_topic = periods_topic
 
     @app.agent(partials_topic)
     async def aggregate(stream):  # noqa: ANN001, ANN202
@@ -91,6 +92,8 @@ def create_app(settings: Any, registry=None) -> faust.App:  # noqa: ANN001
             for out in aggregator.on_progress(msg):
                 key = f"{out.grain}/{out.period}" if isinstance(out, wire.ClosedPeriod) else "watermark"
                 await periods_topic.send(key=key.encode(), value=wire.json_encode(out))
+
+    app.kpimon_aggregate_agent = aggregate
 
     @app.page("/metrics")
     async def metrics_page(web, request):  # noqa: ANN001, ANN202

@@ -158,7 +158,7 @@ class IngestService:
         self.engines: dict[int, PartitionEngine] = {}
         self.offsets: dict[int, int | None] = {}  # next source offset per owned partition
         self.partitions = 0
-        self.group_id = f"{settings.worker.app_id}-core"
+        self.group_id = f"{settings.kafka.topic_prefix}{settings.worker.app_id}-core"
         self._lock = asyncio.Lock()
         self._last_tick = 0.0
         self.consumer: AIOKafkaConsumer | None = None
@@ -327,52 +327,60 @@ class IngestService:
                 log.info("released partitions %s", partitions)
 
     async def recover(self, partitions: list[int]) -> None:
+        """Rebuild the engines of newly assigned partitions from the state log."""
+        if not partitions:
+            return
         async with self._lock:
-            for p in partitions:
-                started = time.monotonic()
-                engine = PartitionEngine(self.cfg)
-                replayer = statelog.Replayer(engine)
-                last_outbox: list = []
-                async for record in self._read_state_log(p):
-                    if replayer.feed(record):
-                        last_outbox = engine.take_outbox()
-                engine.outbox = last_outbox  # re-publish what the last record closed (idempotent downstream)
+            started = time.monotonic()
+            replayers = {p: statelog.Replayer(PartitionEngine(self.cfg)) for p in partitions}
+            last_outbox: dict[int, list] = {p: [] for p in partitions}
+            async for p, record in self._read_state_log(partitions):
+                rp = replayers[p]
+                if rp.feed(record):
+                    last_outbox[p] = rp.engine.take_outbox()
+            assert self.consumer is not None
+            for p, rp in replayers.items():
+                engine = rp.engine
+                # Re-publish what the last record closed: it may not have left
+                # before the previous owner stopped (idempotent downstream).
+                engine.outbox = last_outbox[p]
                 engine.transitions.clear()
                 self.engines[p] = engine
-                self.offsets[p] = replayer.offset
                 tp = TopicPartition(self.topics.events, p)
-                assert self.consumer is not None
-                if replayer.offset is None:
+                if rp.offset is None:
                     await self.consumer.seek_to_beginning(tp)
                     self.offsets[p] = await self.consumer.position(tp)
                 else:
-                    self.consumer.seek(tp, replayer.offset)
-                if replayer.applied:
-                    futures = await self._publish(p)
-                    await asyncio.gather(*futures)
-                log.info("recovered partition %d: %d records applied, %d skipped, offset %s, %d users in %.2fs",
-                         p, replayer.applied, replayer.skipped, replayer.offset, len(engine.users),
-                         time.monotonic() - started)
+                    self.consumer.seek(tp, rp.offset)
+                    self.offsets[p] = rp.offset
+                if rp.applied:
+                    await asyncio.gather(*await self._publish(p))
+                log.info("recovered partition %d: %d records applied, %d skipped, offset %s, %d users",
+                         p, rp.applied, rp.skipped, rp.offset, len(engine.users))
+            log.info("recovered %d partitions in %.2fs", len(partitions), time.monotonic() - started)
 
-    async def _read_state_log(self, p: int):  # noqa: ANN202 - async generator of Record
-        tp = TopicPartition(self.topics.state_log, p)
+    async def _read_state_log(self, partitions: list[int]):  # noqa: ANN202 - async generator
+        """Yield (partition, Record) for every state-log record of these partitions, in order."""
+        tps = [TopicPartition(self.topics.state_log, p) for p in partitions]
         reader = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap, enable_auto_commit=False,
                                   auto_offset_reset="earliest", max_partition_fetch_bytes=32 * 1024 * 1024,
                                   fetch_max_bytes=64 * 1024 * 1024)
         await reader.start()
         try:
-            reader.assign([tp])
-            await reader.seek_to_beginning(tp)
-            end = (await reader.end_offsets([tp]))[tp]
-            # Read to the end, then until a poll comes back empty: some brokers
-            # (Tansu) under-report the end offset.
+            reader.assign(tps)
+            await reader.seek_to_beginning(*tps)
+            ends = await reader.end_offsets(tps)
+            # Read to the end offsets, then until a poll comes back empty: some
+            # brokers (Tansu) under-report the end offset.
             while True:
-                got = await reader.getmany(tp, timeout_ms=300, max_records=10000)
-                msgs = got.get(tp, [])
-                for msg in msgs:
-                    yield statelog.decode(msg.value)
-                if not msgs and await reader.position(tp) >= end:
-                    break
+                got = await reader.getmany(timeout_ms=200, max_records=20000)
+                for tp, msgs in got.items():
+                    for msg in msgs:
+                        yield tp.partition, statelog.decode(msg.value)
+                if not got:
+                    positions = [await reader.position(tp) for tp in tps]
+                    if all(pos >= ends[tp] for pos, tp in zip(positions, tps)):
+                        break
         finally:
             await reader.stop()
 

@@ -90,7 +90,7 @@ class Worker(_Model):
     app_id: str = Field("kpimon", pattern=r"^[A-Za-z0-9._-]+$")
     clock: Literal["live", "event"] = "live"
     web_host: str = "127.0.0.1"
-    web_port: int = Field(6066, ge=0, le=65535)
+    web_port: int = Field(6066, ge=1, le=65535)
     batch_max_records: int = Field(4000, ge=1, le=100_000)
     poll_timeout: Duration = parse_duration("200ms")
     tick_interval: Duration = parse_duration("1s")

@@ -1,0 +1,72 @@
+"""The faust `aggregate` agent with faust's test_context and memory Tables (no broker)."""
+
+from __future__ import annotations
+
+from unittest.mock import AsyncMock, patch
+
+import pytest
+
+from agents.app import create_app
+from agents.core.metrics import PeriodMetrics
+from config.settings import from_mapping
+from streams import topics as wire
+
+DAY = 86_400_000
+JAN1 = 1_704_067_200_000
+
+
+@pytest.fixture
+def app():
+    settings = from_mapping({"kafka": {"topic_prefix": "agenttest."}, "worker": {"web_port": 16066}}, "<test>", env={})
+    app = create_app(settings)
+    app.finalize()
+    app.conf.store = "memory://"
+    app.flow_control.resume()
+    return app
+
+
+def partial(p: int, n: int, label: str, **values: int) -> bytes:
+    m = PeriodMetrics()
+    for k, v in values.items():
+        setattr(m, k, v)
+    return wire.json_encode(wire.Partial(p, n, "day", label, JAN1, JAN1 + DAY, m.to_wire()))
+
+
+def progress(p: int, n: int, wm: int, accepted: int = 0) -> bytes:
+    return wire.json_encode(wire.Progress(p, n, wm, {"accepted": accepted, "rejected": {"not_json": 1},
+                                                     "duplicates": 0, "late": 0}))
+
+
+async def test_a_period_closes_only_when_every_partition_passed_its_end(app):
+    sent = AsyncMock()
+    with patch.object(app.kpimon_periods_topic, "send", sent):
+        async with app.kpimon_aggregate_agent.test_context() as agent:
+            await agent.put(partial(0, 2, "2024-01-01", orders=3, active_users=2))
+            await agent.put(progress(0, 2, JAN1 + DAY, accepted=10))
+            assert sent.await_count == 0  # partition 1 has not reported yet
+            await agent.put(partial(1, 2, "2024-01-01", orders=4, active_users=1))
+            await agent.put(progress(1, 2, JAN1 + DAY - 1, accepted=5))
+            assert sent.await_count == 1  # only the global watermark notice
+            await agent.put(progress(1, 2, JAN1 + DAY, accepted=6))
+            values = [wire.decode_periods(c.kwargs["value"]) for c in sent.await_args_list]
+    closed = [v for v in values if isinstance(v, wire.ClosedPeriod)]
+    assert len(closed) == 1
+    merged = PeriodMetrics.from_wire(closed[0].metrics)
+    assert (merged.orders, merged.active_users) == (7, 3)
+    last = values[-1]
+    assert isinstance(last, wire.GlobalWatermark)
+    assert last.watermark == JAN1 + DAY
+    assert last.totals["accepted"] == 16 and last.totals["rejected"] == 2
+
+
+async def test_redelivered_partials_and_progress_change_nothing(app):
+    sent = AsyncMock()
+    with patch.object(app.kpimon_periods_topic, "send", sent):
+        async with app.kpimon_aggregate_agent.test_context() as agent:
+            for _ in range(2):
+                await agent.put(partial(0, 1, "2024-01-01", orders=3, active_users=2))
+                await agent.put(progress(0, 1, JAN1 + DAY))
+            values = [wire.decode_periods(c.kwargs["value"]) for c in sent.await_args_list]
+    closed = [v for v in values if isinstance(v, wire.ClosedPeriod)]
+    assert len(closed) == 1  # a closed period is never re-emitted
+    assert PeriodMetrics.from_wire(closed[0].metrics).orders == 3

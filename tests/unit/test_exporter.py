@@ -1,0 +1,88 @@
+"""Prometheus export: fresh CollectorRegistry per test, asserts with get_sample_value."""
+
+from __future__ import annotations
+
+import subprocess
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from agents.core.engine import EngineConfig, PartitionEngine
+from agents.exporter import KpimonMetrics, StateCollector, Tally
+from config.settings import from_mapping
+from streams.events import Decoder
+
+DAY = 86_400_000
+JAN1 = 1_704_067_200_000
+
+
+@pytest.fixture
+def settings():
+    return from_mapping({}, "<test>", env={})
+
+
+@pytest.fixture
+def registry():
+    return CollectorRegistry()
+
+
+def test_batch_tally_lands_on_prebound_children(registry, settings):
+    m = KpimonMetrics(registry, settings.event_types, settings.channels, 2)
+    m.observe(Tally(types={"login": 3, "weird_type": 2}, signups={"organic": 1, "tiktok": 1}, orders=2,
+                    revenue=1999 + 1, refunds=50, invites=1, rejected={"not_json": 4}, duplicates=2, late=1))
+    m.observe_transitions({(0, 1): 5, (3, 0): 2})
+    get = registry.get_sample_value
+    assert get("kpimon_events_total", {"type": "login"}) == 3
+    assert get("kpimon_events_total", {"type": "other"}) == 2  # not in the allow-list
+    assert get("kpimon_signups_total", {"channel": "organic"}) == 1
+    assert get("kpimon_signups_total", {"channel": "other"}) == 1
+    assert get("kpimon_revenue_total") == pytest.approx(20.00)
+    assert get("kpimon_refunds_total") == pytest.approx(0.50)
+    assert get("kpimon_orders_total") == 2
+    assert get("kpimon_invites_total") == 1
+    assert get("kpimon_events_rejected_total", {"reason": "not_json"}) == 4
+    assert get("kpimon_events_rejected_total", {"reason": "too_large"}) == 0  # bound up front
+    assert get("kpimon_events_duplicate_total") == 2
+    assert get("kpimon_events_late_total") == 1
+    assert get("kpimon_lifecycle_transitions_total", {"from": "active", "to": "silent"}) == 5
+    assert get("kpimon_lifecycle_transitions_total", {"from": "churned", "to": "active"}) == 2
+
+
+def _engine(settings, events):
+    engine = PartitionEngine(EngineConfig.from_settings(settings))
+    dec = Decoder()
+    for ev in events:
+        engine.offer(dec.decode(orjson.dumps(ev)))
+    return engine
+
+
+def test_state_gauges_are_computed_at_scrape_time_and_summed_over_partitions(registry, settings):
+    e1 = _engine(settings, [
+        {"event_id": "1", "user_id": "a", "type": "signup", "ts": JAN1 + 1000},
+        {"event_id": "2", "user_id": "a", "type": "purchase", "ts": JAN1 + 2000, "amount": "10.25"},
+    ])
+    e2 = _engine(settings, [{"event_id": "3", "user_id": "b", "type": "login", "ts": JAN1 + 5 * DAY}])
+    e1.advance(marker=JAN1 + 8 * DAY + 1)  # a is silent (gap > 7d); b is active
+    e2.advance(marker=JAN1 + 8 * DAY + 1)
+    registry.register(StateCollector(lambda: [e1, e2], 2))
+    get = registry.get_sample_value
+    assert get("kpimon_lifecycle_users", {"state": "active"}) == 1
+    assert get("kpimon_lifecycle_users", {"state": "silent"}) == 1
+    assert get("kpimon_active_users", {"window": "7d"}) == 1
+    assert get("kpimon_active_users", {"window": "30d"}) == 2
+    assert get("kpimon_watermark_timestamp_seconds") == (JAN1 + 8 * DAY + 1) / 1000
+    # January is the open month of both partitions: values add up, money in currency units.
+    assert get("kpimon_period_value", {"metric": "active_users", "grain": "month"}) == 2
+    assert get("kpimon_period_value", {"metric": "revenue", "grain": "month"}) == pytest.approx(10.25)
+    assert get("kpimon_period_value", {"metric": "entered_silent", "grain": "month"}) == 1
+    # The open day has no activity yet.
+    assert get("kpimon_period_value", {"metric": "active_users", "grain": "day"}) == 0
+
+
+def test_exposition_passes_promtool(registry, settings):
+    m = KpimonMetrics(registry, settings.event_types, settings.channels, 2)
+    m.observe(Tally(types={"login": 1}))
+    registry.register(StateCollector(lambda: [], 2))
+    out = subprocess.run(["promtool", "check", "metrics"], input=generate_latest(registry), capture_output=True)
+    assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
