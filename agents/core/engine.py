@@ -192,15 +192,15 @@ class PartitionEngine:
             k += 1
         return k
 
-    def _enter(self, frm: int, to: int) -> None:
-        """Count a lifecycle entry at an instant inside the current day."""
-        if to > frm:
-            acc = self._accs[0]
-            for s in range(frm + 1, to + 1):
-                name = ENTERED[s - 1]
-                setattr(acc, name, getattr(acc, name) + 1)
-                key = (s - 1, s)
-                self.transitions[key] = self.transitions.get(key, 0) + 1
+    def _enter(self, frm: int, to: int, n: int = 1) -> None:
+        """Count ``n`` users' lifecycle entries from ``frm`` to ``to``, inside the current day."""
+        acc = self._accs[0]
+        transitions = self.transitions
+        for s in range(frm + 1, to + 1):
+            name = ENTERED[s - 1]
+            setattr(acc, name, getattr(acc, name) + n)
+            key = (s - 1, s)
+            transitions[key] = transitions.get(key, 0) + n
 
     def _apply(self, ev: Event) -> None:
         t = ev.ts
@@ -280,18 +280,23 @@ class PartitionEngine:
         states = self.ladder.state
         zones = self.zones
         for k in range(1, len(bounds)):
-            src, dst, bound = zones[k - 1], zones[k], bounds[k]
+            src = zones[k - 1]
             if not src:
                 continue
-            entering = states[k] != states[k - 1]
+            dst = zones[k]
+            cutoff = limit - bounds[k]  # users whose last activity is before it move
+            pop = src.popitem
+            moved = 0
             while src:
-                uid, a = next(iter(src.items()))
-                if a + bound >= limit:
+                uid, a = pop(last=False)
+                if a >= cutoff:
+                    src[uid] = a
+                    src.move_to_end(uid, last=False)
                     break
-                src.popitem(last=False)
                 dst[uid] = a
-                if entering:
-                    self._enter(states[k - 1], states[k])
+                moved += 1
+            if moved and states[k] != states[k - 1]:
+                self._enter(states[k - 1], states[k], moved)
 
     def population(self) -> list[int]:
         """Users per lifecycle state as of the last scan (just before ``cursor``)."""
