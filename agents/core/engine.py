@@ -243,22 +243,20 @@ class PartitionEngine:
                     z0 = zones[0]
                     z0[uid] = t
                     z0.move_to_end(uid)
-                for g, acc in enumerate(accs):
-                    if a < periods[g].start_ms:
-                        acc.active_users += 1
-                    else:
-                        break
+                if a < periods[0].start_ms:  # first activity today; ISO weeks straddle months
+                    for g, acc in enumerate(accs):
+                        if a < periods[g].start_ms:
+                            acc.active_users += 1
                 user.last = t
         code = ev.code
         if code == PURCHASE:
             day.orders += 1
             day.revenue += ev.amount
             lp = user.last_purchase
-            for g, acc in enumerate(accs):
-                if lp < periods[g].start_ms:
-                    acc.paying_users += 1
-                else:
-                    break
+            if lp < periods[0].start_ms:
+                for g, acc in enumerate(accs):
+                    if lp < periods[g].start_ms:
+                        acc.paying_users += 1
             user.last_purchase = t
         elif code == SIGNUP:
             if user.signup == NEVER:
