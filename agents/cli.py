@@ -37,12 +37,8 @@ def worker(config: Optional[Path] = ConfigOpt,
     import faust
 
     from agents.app import create_app
-    from streams.admin import ensure_topics
-    from streams.topics import Topics
 
     settings = _settings(config)
-    ensure_topics(settings.kafka.bootstrap, Topics(settings.kafka.topic_prefix, settings.worker.app_id),
-                  settings.kafka.partitions)
     faust_app = create_app(settings)
     w = faust.Worker(faust_app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     w.execute_from_commandline()

@@ -31,6 +31,7 @@ from aiokafka.structs import ConsumerRecord
 from agents import statelog
 from agents.core.engine import ACCEPTED, LATE, EngineConfig, PartitionEngine
 from agents.exporter import KpimonMetrics, Tally
+from streams import admin
 from streams import topics as wire
 from streams.events import INVITE, PURCHASE, REFUND, SIGNUP, Decoder, Event, Reason, Rejected
 from streams.topics import Topics
@@ -182,11 +183,9 @@ class IngestService:
             max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024,
         )
         await self.consumer.start()
-        await self.consumer.topics()  # refreshes metadata
-        parts = self.consumer.partitions_for_topic(self.topics.events)
-        self.partitions = len(parts or ())
-        if not self.partitions:
-            raise RuntimeError(f"topic {self.topics.events} does not exist (run `kpimon topics create`)")
+        # Creates what is missing and tells the partition count of the input.
+        self.partitions = await asyncio.to_thread(admin.ensure_topics, bootstrap, self.topics,
+                                                  self.settings.kafka.partitions)
         self.consumer.subscribe([self.topics.events], listener=_Listener(self))
 
     async def stop(self) -> None:

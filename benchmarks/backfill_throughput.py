@@ -91,7 +91,7 @@ def main() -> None:
         t = time.perf_counter()
         admin.produce_lines(bootstrap, topics.events, lines)
         produce_s = time.perf_counter() - t
-        until = max(orjson.loads(x)["ts"] for x in lines[-1000:]) + 86_400_000
+        until = bf.scan_max_ts(lines[-5000:]) + 86_400_000
         admin.send_watermark(bootstrap, topics.events, args.partitions, until)
         total = n + args.partitions
 

@@ -223,6 +223,8 @@ class ApacheKafka(KafkaBrokerProcess):
             "share.coordinator.state.topic.replication.factor": 1,
             "share.coordinator.state.topic.min.isr": 1,
             "group.initial.rebalance.delay.ms": 0,
+            # tests and the demo use short consumer session timeouts (2-3 s)
+            "group.min.session.timeout.ms": 500,
         }
         props.update(self.extra_properties)
         return props
