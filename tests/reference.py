@@ -1,0 +1,255 @@
+"""A plain batch computation of the KPI report, straight from the definitions.
+
+This is the oracle the streaming engine is checked against.  It shares no code
+with the engine: only :class:`agents.core.periods.Calendar` for period
+arithmetic (start/end/label of calendar periods) and ``format_money`` for the
+output format.  It is deliberately slow and simple: for every period it looks
+at every user and every event again.
+
+Definitions (docs: the metric spec):
+
+* Accepted events: the first occurrence of each ``event_id``, minus late
+  events (``ts`` below the watermark ``max accepted ts - lateness`` of its
+  partition, in arrival order).  Invalid events (missing required fields,
+  purchase/refund without amount) are refused.
+* A user's activity instants a1 < a2 < ... are the distinct ``ts`` of all
+  their accepted events.  The user enters state S at a_i + T_S if a_{i+1} is
+  strictly later than that instant (or never comes).
+* won back: a_{i+1} with a_{i+1} - a_i > T_churned ("dead" if > T_dead).
+* population of P: every user with an activity before P's end, classified by
+  ``end - last activity before end`` (<= T_silent active, ... > T_dead dead).
+* The first signup of a user is the earliest by ``(ts, event_id)``.
+"""
+
+from __future__ import annotations
+
+import decimal
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+
+from agents.core.periods import GRAINS, Calendar
+from streams.events import format_money
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_STATE_NAMES = ["active", "silent", "sleeping", "churned", "dead"]
+
+
+def _ts_ms(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("bool is not a timestamp")
+    if isinstance(value, int):
+        return value
+    dt = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    if dt.tzinfo is None:
+        raise ValueError("timestamp without offset")
+    return (dt - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _minor(value: Any, decimals: int) -> int:
+    amount = decimal.Decimal(str(value))
+    scaled = amount * (decimal.Decimal(10) ** decimals)
+    if scaled != scaled.to_integral_value() or amount < 0:
+        raise ValueError(f"bad amount {value!r}")
+    return int(scaled)
+
+
+def _normalize(raw: dict[str, Any], decimals: int) -> dict[str, Any] | None:
+    """The event with ``ts`` in epoch ms and ``amount`` in minor units, or None if invalid."""
+    try:
+        for key in ("event_id", "user_id", "type", "ts"):
+            if raw.get(key) in (None, ""):
+                return None
+        ev = dict(raw)
+        ev["ts"] = _ts_ms(raw["ts"])
+        if raw["type"] in ("purchase", "refund"):
+            if raw.get("amount") is None:
+                return None
+        ev["amount"] = _minor(raw["amount"], decimals) if raw.get("amount") is not None else 0
+        return ev
+    except (ValueError, TypeError, AttributeError, decimal.InvalidOperation):
+        return None
+
+
+def accepted_events(events: list[dict[str, Any]], settings: Any,
+                    partition_of: Callable[[dict[str, Any]], int] | None = None) -> list[dict[str, Any]]:
+    """The accepted set, in arrival order: valid, first of their event_id, not late."""
+    decimals = settings.money.decimals
+    seen: set[str] = set()
+    max_ts: dict[int, int] = {}
+    out = []
+    for raw in events:
+        ev = _normalize(raw, decimals)
+        if ev is None:
+            continue
+        if ev["event_id"] in seen:
+            continue  # duplicate
+        part = partition_of(raw) if partition_of else 0
+        if part in max_ts and ev["ts"] < max_ts[part] - settings.lateness:
+            continue  # late
+        seen.add(ev["event_id"])
+        max_ts[part] = max(max_ts.get(part, ev["ts"]), ev["ts"])
+        out.append(ev)
+    return out
+
+
+def _channel(settings: Any, channel: str | None) -> str:
+    if channel is None:
+        return "unknown"
+    if channel in settings.channels:
+        return channel
+    return "other"
+
+
+def _state_before_end(end: int, last: int, th: tuple[int, int, int, int]) -> str:
+    gap = end - last
+    silent, sleeping, churned, dead = th
+    if gap <= silent:
+        return "active"
+    if gap <= sleeping:
+        return "silent"
+    if gap <= churned:
+        return "sleeping"
+    if gap <= dead:
+        return "churned"
+    return "dead"
+
+
+def period_numbers(start: int, end: int, events: list[dict[str, Any]], settings: Any) -> dict[str, Any]:
+    """The raw numbers (money in minor units) of the period [start, end)."""
+    th = settings.lifecycle.thresholds
+    silent, sleeping, churned, dead = th
+    state_thresholds = {"silent": silent, "sleeping": sleeping, "churned": churned, "dead": dead}
+
+    by_user: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for ev in events:
+        by_user[ev["user_id"]].append(ev)
+
+    n: dict[str, Any] = {
+        "new_users": 0, "active_users": 0, "orders": 0, "paying_users": 0, "revenue": 0, "refunds": 0,
+        "invites": 0, "referred_signups": 0, "entered_silent": 0, "entered_sleeping": 0, "entered_churned": 0,
+        "entered_dead": 0, "won_back_churned": 0, "won_back_dead": 0,
+        "population": {name: 0 for name in _STATE_NAMES}, "new_users_by_channel": {},
+    }
+
+    def inside(t: int) -> bool:
+        return start <= t < end
+
+    for uid in sorted(by_user):
+        evs = sorted(by_user[uid], key=lambda e: (e["ts"], e["event_id"]))
+        # signups: the first one by (ts, event_id)
+        signups = [e for e in evs if e["type"] == "signup"]
+        if signups and inside(signups[0]["ts"]):
+            first = signups[0]
+            n["new_users"] += 1
+            ch = _channel(settings, first.get("channel"))
+            n["new_users_by_channel"][ch] = n["new_users_by_channel"].get(ch, 0) + 1
+            if first.get("referrer_id") is not None:
+                n["referred_signups"] += 1
+        # events in P
+        in_p = [e for e in evs if inside(e["ts"])]
+        if in_p:
+            n["active_users"] += 1
+        purchases = [e for e in in_p if e["type"] == "purchase"]
+        n["orders"] += len(purchases)
+        if purchases:
+            n["paying_users"] += 1
+        for e in purchases:
+            n["revenue"] += e["amount"]
+        for e in in_p:
+            if e["type"] == "refund":
+                n["revenue"] -= e["amount"]
+                n["refunds"] += e["amount"]
+            elif e["type"] == "invite":
+                n["invites"] += 1
+        # lifecycle
+        instants = sorted({e["ts"] for e in evs})
+        for i, a in enumerate(instants):
+            nxt = instants[i + 1] if i + 1 < len(instants) else None
+            for name, threshold in state_thresholds.items():
+                instant = a + threshold
+                if (nxt is None or nxt > instant) and inside(instant):
+                    n[f"entered_{name}"] += 1
+            if i > 0 and inside(a):
+                gap = a - instants[i - 1]
+                if gap > dead:
+                    n["won_back_dead"] += 1
+                elif gap > churned:
+                    n["won_back_churned"] += 1
+        before_end = [a for a in instants if a < end]
+        if before_end:
+            n["population"][_state_before_end(end, before_end[-1], th)] += 1
+    return n
+
+
+def _is_empty(n: dict[str, Any]) -> bool:
+    for key, value in n.items():
+        if isinstance(value, dict):
+            if any(value.values()):
+                return False
+        elif value:
+            return False
+    return True
+
+
+def _result(n: dict[str, Any], settings: Any) -> dict[str, Any]:
+    decimals = settings.money.decimals
+    warning = settings.lifecycle.warning_state
+    return {
+        "new_users": n["new_users"],
+        "active_users": n["active_users"],
+        "orders": n["orders"],
+        "paying_users": n["paying_users"],
+        "revenue": format_money(n["revenue"], decimals),
+        "refunds": format_money(n["refunds"], decimals),
+        "invites": n["invites"],
+        "referred_signups": n["referred_signups"],
+        "entered_silent": n["entered_silent"],
+        "entered_sleeping": n["entered_sleeping"],
+        "entered_churned": n["entered_churned"],
+        "entered_dead": n["entered_dead"],
+        "churn_warnings": n[f"entered_{warning}"],
+        "churned": n["entered_churned"],
+        "won_back": n["won_back_churned"] + n["won_back_dead"],
+        "won_back_by_depth": {"churned": n["won_back_churned"], "dead": n["won_back_dead"]},
+        "population": dict(n["population"]),
+        "new_users_by_channel": dict(sorted(n["new_users_by_channel"].items())),
+    }
+
+
+def reference_report(events: list[dict[str, Any]], settings: Any, until_ms: int, *,
+                     partition_of: Callable[[dict[str, Any]], int] | None = None,
+                     ) -> dict[tuple[str, str], dict[str, Any]]:
+    """``{(grain, label): numbers}`` of every non-empty period with ``end <= until_ms``.
+
+    ``events`` are raw event dicts in arrival order (duplicates and late ones
+    included: they are refused here as the spec says).  ``partition_of``
+    gives the partition of an event for the per-partition watermark
+    (default: one partition).
+    """
+    accepted = accepted_events(events, settings, partition_of)
+    report: dict[tuple[str, str], dict[str, Any]] = {}
+    if not accepted:
+        return report
+    cal = Calendar(settings.timezone)
+    first = min(ev["ts"] for ev in accepted)
+    for grain in GRAINS:
+        if until_ms <= first:
+            continue
+        for period in cal.periods_between(first, until_ms, grain):
+            if period.end_ms > until_ms:
+                continue
+            n = period_numbers(period.start_ms, period.end_ms, accepted, settings)
+            if not _is_empty(n):
+                report[(str(grain), period.label)] = _result(n, settings)
+    return report
+
+
+def totals_of(events: list[dict[str, Any]], settings: Any,
+              partition_of: Callable[[dict[str, Any]], int] | None = None) -> dict[str, int]:
+    """accepted / duplicates+late split is order dependent; this gives accepted and refused counts."""
+    decimals = settings.money.decimals
+    valid = [ev for ev in events if _normalize(ev, decimals) is not None]
+    accepted = accepted_events(events, settings, partition_of)
+    return {"accepted": len(accepted), "refused": len(valid) - len(accepted),
+            "rejected": len(events) - len(valid)}
