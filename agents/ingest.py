@@ -23,13 +23,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
+from operator import attrgetter
 from typing import Any, Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from agents import statelog
-from agents.core.engine import ACCEPTED, LATE, EngineConfig, PartitionEngine
+from agents.core.engine import EngineConfig, PartitionEngine
 from agents.exporter import KpimonMetrics, Tally
 from streams import admin
 from streams import topics as wire
@@ -38,7 +40,8 @@ from streams.topics import Topics
 
 log = logging.getLogger("kpimon.ingest")
 
-RECORD_BYTES = 512 * 1024  # split a batch's state-log record above this much input
+RECORD_BYTES = 512 * 1024
+_type_of = attrgetter("type")  # split a batch's state-log record above this much input
 
 
 def _header(msg: ConsumerRecord, name: str) -> bytes | None:
@@ -51,13 +54,14 @@ def _header(msg: ConsumerRecord, name: str) -> bytes | None:
 class Batch:
     """The outcome of processing one run of messages from one partition."""
 
-    __slots__ = ("record", "dlq", "late", "tally")
+    __slots__ = ("record", "dlq", "late", "tally", "wm")
 
-    def __init__(self, record: statelog.Record, dlq: list, late: list, tally: Tally) -> None:
+    def __init__(self, record: statelog.Record, dlq: list, late: list, tally: Tally, wm: int = 0) -> None:
         self.record = record
         self.dlq = dlq
         self.late = late
         self.tally = tally
+        self.wm = wm  # the watermark the late events were refused against
 
 
 def process_messages(engine: PartitionEngine, decoder: Decoder, msgs: list[ConsumerRecord], pos: int,
@@ -70,16 +74,12 @@ def process_messages(engine: PartitionEngine, decoder: Decoder, msgs: list[Consu
     position of the first message not taken.  No I/O: the caller sends what
     the batch carries.
     """
-    events: list[Event] = []
+    decoded: list[Event] = []
+    sources: list[ConsumerRecord] = []
     dlq: list[tuple[ConsumerRecord, Rejected]] = []
-    late: list[ConsumerRecord] = []
-    tally = Tally()
-    types = tally.types
-    dups0, late0 = engine.totals.duplicates, engine.totals.late
     marker = None
     size = 0
     decode = decoder.decode
-    offer = engine.offer
     n = len(msgs)
     while pos < n:
         msg = msgs[pos]
@@ -94,45 +94,47 @@ def process_messages(engine: PartitionEngine, decoder: Decoder, msgs: list[Consu
                     dlq.append((msg, Rejected(Reason.INVALID_FIELD, f"bad {wire.WATERMARK_HEADER} header {mark!r}")))
                     continue
                 break
+        if value is None:
+            dlq.append((msg, Rejected(Reason.NOT_JSON, "empty record (no value)")))
+            continue
         try:
-            if value is None:
-                raise Rejected(Reason.NOT_JSON, "empty record (no value)")
-            ev = decode(value)
+            decoded.append(decode(value))
         except Rejected as rej:
             dlq.append((msg, rej))
             continue
-        status = offer(ev)
-        if status == ACCEPTED:
-            events.append(ev)
-            types[ev.type] = types.get(ev.type, 0) + 1
-            code = ev.code
-            if code:
-                if code == PURCHASE:
-                    tally.orders += 1
-                    tally.revenue += ev.amount
-                elif code == SIGNUP:
-                    ch = channel_label(ev.channel)
-                    tally.signups[ch] = tally.signups.get(ch, 0) + 1
-                elif code == REFUND:
-                    tally.refunds += ev.amount
-                elif code == INVITE:
-                    tally.invites += 1
-            size += len(value)
-            if size >= RECORD_BYTES:
-                break
-        elif status == LATE:
-            late.append(msg)
+        sources.append(msg)
+        size += len(value)
+        if size >= RECORD_BYTES:
+            break
+    totals = engine.totals
+    dups0 = totals.duplicates
+    wm = engine.wm
+    events, late_idx = engine.offer_batch(decoded)
+    late = [sources[i] for i in late_idx]
+    tally = Tally(types=dict(Counter(map(_type_of, events))), duplicates=totals.duplicates - dups0, late=len(late))
+    for ev in [ev for ev in events if ev.code]:
+        code = ev.code
+        if code == PURCHASE:
+            tally.orders += 1
+            tally.revenue += ev.amount
+        elif code == SIGNUP:
+            ch = channel_label(ev.channel)
+            tally.signups[ch] = tally.signups.get(ch, 0) + 1
+        elif code == REFUND:
+            tally.refunds += ev.amount
+        elif code == INVITE:
+            tally.invites += 1
     rejected: dict[str, int] = {}
     for _, rej in dlq:
         rejected[rej.reason.value] = rejected.get(rej.reason.value, 0) + 1
-        engine.totals.add_rejected(rej.reason.value)
+        totals.add_rejected(rej.reason.value)
     tally.rejected = rejected
-    tally.duplicates = engine.totals.duplicates - dups0
-    tally.late = engine.totals.late - late0
+    if late_idx:
+        wm = engine.wm
     engine.advance(clock=clock, marker=marker)
     record = statelog.Record(start, msgs[pos - 1].offset + 1, clock, marker, events, rejected, tally.duplicates,
                              tally.late)
-    return Batch(record, dlq, late, tally), pos
+    return Batch(record, dlq, late, tally, wm), pos
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -167,6 +169,7 @@ class IngestService:
         self._stopping = asyncio.Event()
         self.tick_s = settings.worker.tick_interval / 1000
         self.batches = 0
+        self._inflight: asyncio.Future | None = None
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -191,6 +194,10 @@ class IngestService:
     async def stop(self) -> None:
         self._stopping.set()
         async with self._lock:
+            try:
+                await self.settle()
+            except Exception:  # noqa: BLE001 - stopping anyway; the state log is the truth
+                log.exception("writes in flight failed while stopping")
             if self.consumer is not None:
                 await self.consumer.stop()
             if self.producer is not None:
@@ -222,15 +229,23 @@ class IngestService:
 
     # ------------------------------------------------------------------ process
     async def process(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> dict[TopicPartition, int]:
-        """Process one poll; returns the source offsets to commit."""
+        """Process one poll, then hand its writes to a background task.
+
+        The writes of poll N overlap the processing of poll N+1, but poll N+1's
+        writes start only after poll N's are all acknowledged, so the order
+        DLQ/late -> state log -> derived outputs holds across polls too.
+        Returns the source offsets of the previous poll, now durable, to commit.
+        """
         clock = int(time.time() * 1000) if self.live else None
         results: list[tuple[int, Batch]] = []
+        offsets = self.offsets
         for tp, msgs in batch.items():
-            engine = self.engines.get(tp.partition)
+            p = tp.partition
+            engine = self.engines.get(p)
             if engine is None or not msgs:  # revoked meanwhile
                 continue
             pos = 0
-            start = self.offsets.get(tp.partition)
+            start = offsets.get(p)
             if start is None:
                 start = msgs[0].offset
             elif msgs[0].offset < start:
@@ -241,84 +256,91 @@ class IngestService:
                     continue
             while pos < len(msgs):
                 out, pos = process_messages(engine, self.decoder, msgs, pos, start, clock, self.settings.channel_label)
-                start = out.record.end
-                results.append((tp.partition, out))
+                start = offsets[p] = out.record.end
+                results.append((p, out))
         if self.live and time.monotonic() - self._last_tick >= self.tick_s:
             self._last_tick = time.monotonic()
             busy = {tp.partition for tp in batch}
             for p, engine in self.engines.items():
-                if p not in busy and self.offsets.get(p) is not None:
-                    off = self.offsets[p]
+                off = offsets.get(p)
+                if p not in busy and off is not None:
                     engine.advance(clock=clock)
                     results.append((p, Batch(statelog.Record(off, off, clock, None, [], {}, 0, 0), [], [], Tally())))
         if not results:
-            return {}
-        return await self._emit(results)
+            return await self.settle()
+        touched = dict.fromkeys(p for p, _ in results)
+        derived = {p: self._derived(p) for p in touched}
+        commit = await self.settle()
+        self._inflight = asyncio.ensure_future(self._write(results, derived))
+        return commit
 
-    async def _emit(self, results: list[tuple[int, Batch]]) -> dict[TopicPartition, int]:
+    async def settle(self) -> dict[TopicPartition, int]:
+        """Wait for the writes in flight (re-raising their failure); their offsets to commit."""
+        task, self._inflight = self._inflight, None
+        if task is None:
+            return {}
+        return await task
+
+    def _derived(self, p: int) -> tuple[list[tuple[bytes, bytes]], dict]:
+        """Messages for the partials topic (closed periods, then progress) and transitions, as of now."""
+        engine = self.engines[p]
+        out = []
+        for closed in engine.take_outbox():
+            period = closed.period
+            msg = wire.Partial(p, self.partitions, str(period.grain), period.label, period.start_ms, period.end_ms,
+                               closed.metrics.to_wire())
+            out.append((f"{period.grain}/{period.label}".encode(), wire.json_encode(msg)))
+        tot = engine.totals
+        progress = wire.Progress(p, self.partitions, engine.wm, {
+            "accepted": tot.accepted, "rejected": dict(tot.rejected), "duplicates": tot.duplicates, "late": tot.late})
+        out.append((f"progress/{p}".encode(), wire.json_encode(progress)))
+        return out, engine.take_transitions()
+
+    async def _send_all(self, items: list[tuple[str, dict]]) -> None:
         producer = self.producer
         assert producer is not None
+        futures = [await producer.send(topic, **kwargs) for topic, kwargs in items]
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def _write(self, results: list[tuple[int, Batch]], derived: dict[int, tuple]) -> dict[TopicPartition, int]:
         t = self.topics
-        futures = []
+        side = []
         for p, out in results:
             for msg, rej in out.dlq:
                 headers = [(wire.H_REASON, rej.reason.value.encode()), (wire.H_DETAIL, rej.detail.encode()[:1024]),
                            (wire.H_TOPIC, msg.topic.encode()), (wire.H_PARTITION, str(p).encode()),
                            (wire.H_OFFSET, str(msg.offset).encode())]
-                futures.append(await producer.send(t.dlq, value=msg.value, key=msg.key, headers=headers))
+                side.append((t.dlq, {"value": msg.value, "key": msg.key, "headers": headers}))
                 log.warning("rejected event at %s[%d]@%d: %s: %s", msg.topic, p, msg.offset, rej.reason.value,
                             rej.detail)
+            wm = str(out.wm).encode()
             for msg in out.late:
                 headers = [(wire.H_TOPIC, msg.topic.encode()), (wire.H_PARTITION, str(p).encode()),
-                           (wire.H_OFFSET, str(msg.offset).encode()),
-                           (wire.H_WATERMARK, str(self.engines[p].wm).encode())]
-                futures.append(await producer.send(t.late, value=msg.value, key=msg.key, headers=headers))
-        if futures:
-            await asyncio.gather(*futures)
-        futures = []
-        for p, out in results:
-            futures.append(await producer.send(t.state_log, value=statelog.encode(out.record), partition=p))
-        await asyncio.gather(*futures)
+                           (wire.H_OFFSET, str(msg.offset).encode()), (wire.H_WATERMARK, wm)]
+                side.append((t.late, {"value": msg.value, "key": msg.key, "headers": headers}))
+        await self._send_all(side)
+        await self._send_all([(t.state_log, {"value": statelog.encode(out.record), "partition": p})
+                              for p, out in results])
         # The inputs are durable: publish what they produced.
-        futures = []
-        touched: dict[int, int] = {}
-        for p, out in results:
-            touched[p] = out.record.end
-            self.offsets[p] = out.record.end
-            if self.metrics is not None:
-                self.metrics.observe(out.tally)
-        for p in touched:
-            futures.extend(await self._publish(p))
-        if futures:
-            await asyncio.gather(*futures)
         if self.metrics is not None:
-            for p in touched:
-                self.metrics.observe_transitions(self.engines[p].take_transitions())
+            for _, out in results:
+                self.metrics.observe(out.tally)
+        await self._send_all([(t.partials, {"key": key, "value": value, "partition": 0})
+                              for msgs, _ in derived.values() for key, value in msgs])
+        if self.metrics is not None:
+            for _, transitions in derived.values():
+                self.metrics.observe_transitions(transitions)
         self.batches += 1
-        return {TopicPartition(t.events, p): off for p, off in touched.items()}
-
-    async def _publish(self, p: int) -> list:
-        """Send the partition's newly closed periods, then its progress."""
-        producer = self.producer
-        assert producer is not None
-        engine = self.engines[p]
-        futures = []
-        for closed in engine.take_outbox():
-            period = closed.period
-            msg = wire.Partial(p, self.partitions, str(period.grain), period.label, period.start_ms, period.end_ms,
-                               closed.metrics.to_wire())
-            futures.append(await producer.send(self.topics.partials, value=wire.json_encode(msg),
-                                               key=f"{period.grain}/{period.label}".encode(), partition=0))
-        tot = engine.totals
-        progress = wire.Progress(p, self.partitions, engine.wm, {
-            "accepted": tot.accepted, "rejected": dict(tot.rejected), "duplicates": tot.duplicates, "late": tot.late})
-        futures.append(await producer.send(self.topics.partials, value=wire.json_encode(progress),
-                                           key=f"progress/{p}".encode(), partition=0))
-        return futures
+        ends: dict[int, int] = {}
+        for p, out in results:
+            ends[p] = out.record.end
+        return {TopicPartition(t.events, p): off for p, off in ends.items()}
 
     # ---------------------------------------------------------------- rebalance
     async def release(self, partitions: list[int]) -> None:
         async with self._lock:
+            await self.settle()  # the next owner must find our last records in the log
             for p in partitions:
                 self.engines.pop(p, None)
                 self.offsets.pop(p, None)
@@ -353,7 +375,9 @@ class IngestService:
                     self.consumer.seek(tp, rp.offset)
                     self.offsets[p] = rp.offset
                 if rp.applied:
-                    await asyncio.gather(*await self._publish(p))
+                    msgs, _ = self._derived(p)
+                    await self._send_all([(self.topics.partials, {"key": k, "value": v, "partition": 0})
+                                          for k, v in msgs])
                 log.info("recovered partition %d: %d records applied, %d skipped, offset %s, %d users",
                          p, rp.applied, rp.skipped, rp.offset, len(engine.users))
             log.info("recovered %d partitions in %.2fs", len(partitions), time.monotonic() - started)

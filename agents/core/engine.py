@@ -99,8 +99,9 @@ class PartitionEngine:
         self.wm = NEVER
         self.cursor: int | None = None  # everything before it has been applied
         self.buffer: list[Event] = []
-        self.dedup: dict[str, int] = {}
-        self._dedup_q: deque[tuple[int, str]] = deque()
+        self.dedup: dict[str, int] = {}  # event_id -> ts, in arrival order
+        self._dedup_ts: deque[int] = deque()  # the same, for expiry
+        self._dedup_ids: deque[str] = deque()
         self.users: dict[str, User] = {}
         # zones[k]: user_id -> last activity, ordered by last activity.
         self.zones: list[OrderedDict[str, int]] = [OrderedDict() for _ in self.ladder.bounds]
@@ -115,30 +116,62 @@ class PartitionEngine:
 
     # ------------------------------------------------------------------ input
     def offer(self, ev: Event) -> int:
-        """Decide on one event in arrival order: ACCEPTED, DUPLICATE or LATE."""
-        if ev.event_id in self.dedup:
-            self.totals.duplicates += 1
-            return DUPLICATE
-        if ev.ts < self.wm:
-            self.totals.late += 1
-            return LATE
-        self.accept(ev)
-        return ACCEPTED
+        """Decide on one event: ACCEPTED, DUPLICATE or LATE (see :meth:`offer_batch`)."""
+        dups = self.totals.duplicates
+        accepted, late = self.offer_batch([ev])
+        if accepted:
+            return ACCEPTED
+        return LATE if late else DUPLICATE if self.totals.duplicates > dups else ACCEPTED
+
+    def offer_batch(self, events: list[Event], check: bool = True) -> tuple[list[Event], list[int]]:
+        """Decide on events in arrival order; returns (accepted, indices of late ones).
+
+        An event is a duplicate if its event_id was accepted before (within the
+        dedup horizon), late if its ts is below the watermark at its arrival;
+        each accepted event raises the watermark for the ones after it.
+        ``check=False`` takes events already known to be acceptable (replay).
+        """
+        dedup = self.dedup
+        q_ts, q_ids = self._dedup_ts, self._dedup_ids
+        lateness = self.lateness
+        wm, max_ts = self.wm, self.max_ts
+        accepted: list[Event] = []
+        late: list[int] = []
+        dups = 0
+        first = self.cursor is None
+        for i, ev in enumerate(events):
+            eid = ev.event_id
+            ts = ev.ts
+            if check:
+                if eid in dedup:
+                    dups += 1
+                    continue
+                if ts < wm:
+                    late.append(i)
+                    continue
+            dedup[eid] = ts
+            q_ts.append(ts)
+            q_ids.append(eid)
+            accepted.append(ev)
+            if ts > max_ts:
+                max_ts = ts
+                if ts - lateness > wm:
+                    wm = ts - lateness
+            if first:
+                first = False
+                self.cursor = wm
+                self._open_periods(wm)
+        self.wm, self.max_ts = wm, max_ts
+        self.buffer.extend(accepted)
+        totals = self.totals
+        totals.accepted += len(accepted)
+        totals.duplicates += dups
+        totals.late += len(late)
+        return accepted, late
 
     def accept(self, ev: Event) -> None:
-        """Take an event known to be acceptable (live after :meth:`offer`, or on replay)."""
-        ts = ev.ts
-        self.dedup[ev.event_id] = ts
-        self._dedup_q.append((ts, ev.event_id))
-        self.buffer.append(ev)
-        self.totals.accepted += 1
-        if ts > self.max_ts:
-            self.max_ts = ts
-            if ts - self.lateness > self.wm:
-                self.wm = ts - self.lateness
-        if self.cursor is None:
-            self.cursor = self.wm
-            self._open_periods(self.wm)
+        """Take one event known to be acceptable (replay)."""
+        self.offer_batch([ev], check=False)
 
     def advance(self, clock: int | None = None, marker: int | None = None) -> None:
         """Move the watermark (wall clock and/or an explicit marker), apply what is final."""
@@ -157,9 +190,10 @@ class PartitionEngine:
 
     def _expire_dedup(self) -> None:
         horizon = self.wm - self.cfg.dedup_horizon
-        q, d = self._dedup_q, self.dedup
-        while q and q[0][0] < horizon:
-            ts, eid = q.popleft()
+        q_ts, q_ids, d = self._dedup_ts, self._dedup_ids, self.dedup
+        while q_ts and q_ts[0] < horizon:
+            ts = q_ts.popleft()
+            eid = q_ids.popleft()
             if d.get(eid) == ts:
                 del d[eid]
 
