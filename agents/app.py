@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from typing import Any
 
 import faust
@@ -50,6 +52,8 @@ def create_app(settings: Any, registry=None) -> faust.App:  # noqa: ANN001
         consumer_auto_offset_reset="earliest",
         producer_max_request_size=16 * 1024 * 1024,
         web_in_thread=False,
+        # faust keeps only small bookkeeping here (tables use the memory store)
+        datadir=os.path.join(tempfile.gettempdir(), "kpimon-faust", "{conf.name}-data"),
     )
     app.kpimon_settings = settings
     app.kpimon_ingest = ingest
@@ -89,9 +93,14 @@ def create_app(settings: Any, registry=None) -> faust.App:  # noqa: ANN001
             if isinstance(msg, wire.Partial):
                 aggregator.on_partial(msg)
                 continue
-            for out in aggregator.on_progress(msg):
+            ready = aggregator.on_progress(msg)
+            for out in ready:
+                if not aggregator.reportable(out):
+                    continue
                 key = f"{out.grain}/{out.period}" if isinstance(out, wire.ClosedPeriod) else "watermark"
-                await periods_topic.send(key=key.encode(), value=wire.json_encode(out))
+                fut = await periods_topic.send(key=key.encode(), value=wire.json_encode(out))
+                await fut  # delivered before it is marked published
+            aggregator.mark_published(ready)
 
     app.kpimon_aggregate_agent = aggregate
 

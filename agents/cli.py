@@ -47,8 +47,14 @@ def worker(config: Optional[Path] = ConfigOpt,
 @app.command()
 def broker(port: int = typer.Option(9092, help="Port on 127.0.0.1."),
            apache: bool = typer.Option(False, "--apache", help="Run Apache Kafka (Java) instead of Tansu.")) -> None:
-    """Run an embedded Kafka-protocol broker in the foreground (Ctrl-C stops it)."""
+    """Run an embedded Kafka-protocol broker in the foreground (Ctrl-C or SIGTERM stops it)."""
+    import signal
     import time
+
+    def _stop(signum, frame):  # noqa: ANN001, ARG001 - SIGTERM stops the broker like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
 
     if apache:
         from agents.runtime.apache_kafka import ApacheKafka as Broker

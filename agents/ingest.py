@@ -133,7 +133,7 @@ def process_messages(engine: PartitionEngine, decoder: Decoder, msgs: list[Consu
         wm = engine.wm
     engine.advance(clock=clock, marker=marker)
     record = statelog.Record(start, msgs[pos - 1].offset + 1, clock, marker, events, rejected, tally.duplicates,
-                             tally.late)
+                             tally.late, engine.cfg.fingerprint)
     return Batch(record, dlq, late, tally, wm), pos
 
 
@@ -141,11 +141,18 @@ class _Listener(ConsumerRebalanceListener):
     def __init__(self, service: IngestService) -> None:
         self.service = service
 
+    # aiokafka logs and swallows a listener's exception; keep it for the poll loop to raise.
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        await self.service.release([tp.partition for tp in revoked])
+        try:
+            await self.service.release([tp.partition for tp in revoked])
+        except Exception as err:  # noqa: BLE001
+            self.service.fatal = err
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        await self.service.recover([tp.partition for tp in assigned])
+        try:
+            await self.service.recover([tp.partition for tp in assigned])
+        except Exception as err:  # noqa: BLE001
+            self.service.fatal = err
 
 
 class IngestService:
@@ -170,6 +177,7 @@ class IngestService:
         self.tick_s = settings.worker.tick_interval / 1000
         self.batches = 0
         self._inflight: asyncio.Future | None = None
+        self.fatal: BaseException | None = None  # a failure in a rebalance callback
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -208,6 +216,8 @@ class IngestService:
         assert self.consumer is not None
         w = self.settings.worker
         while not self._stopping.is_set():
+            if self.fatal is not None:
+                raise self.fatal
             try:
                 batch = await self.consumer.getmany(timeout_ms=w.poll_timeout, max_records=w.batch_max_records)
             except Exception:  # consumer stopped under us
@@ -217,6 +227,8 @@ class IngestService:
             async with self._lock:
                 if self._stopping.is_set():
                     return
+                if self.fatal is not None:
+                    raise self.fatal
                 commit = await self.process(batch)
             if commit:
                 # Outside the lock: a commit can wait for a rebalance whose
@@ -236,7 +248,9 @@ class IngestService:
         DLQ/late -> state log -> derived outputs holds across polls too.
         Returns the source offsets of the previous poll, now durable, to commit.
         """
-        clock = int(time.time() * 1000) if self.live else None
+        now = int(time.time() * 1000)
+        clock = now if self.live else None
+        self.decoder.max_ts = now + self.settings.max_future
         results: list[tuple[int, Batch]] = []
         offsets = self.offsets
         for tp, msgs in batch.items():
@@ -265,7 +279,8 @@ class IngestService:
                 off = offsets.get(p)
                 if p not in busy and off is not None:
                     engine.advance(clock=clock)
-                    results.append((p, Batch(statelog.Record(off, off, clock, None, [], {}, 0, 0), [], [], Tally())))
+                    tick = statelog.Record(off, off, clock, None, [], {}, 0, 0, self.cfg.fingerprint)
+                    results.append((p, Batch(tick, [], [], Tally())))
         if not results:
             return await self.settle()
         touched = dict.fromkeys(p for p, _ in results)
@@ -353,7 +368,7 @@ class IngestService:
             return
         async with self._lock:
             started = time.monotonic()
-            replayers = {p: statelog.Replayer(PartitionEngine(self.cfg)) for p in partitions}
+            replayers = {p: statelog.Replayer(PartitionEngine(self.cfg), p) for p in partitions}
             last_outbox: dict[int, list] = {p: [] for p in partitions}
             async for p, record in self._read_state_log(partitions):
                 rp = replayers[p]
@@ -393,6 +408,12 @@ class IngestService:
             reader.assign(tps)
             await reader.seek_to_beginning(*tps)
             ends = await reader.end_offsets(tps)
+            for tp, first in (await reader.beginning_offsets(tps)).items():
+                if first > 0:
+                    raise statelog.StateLogError(
+                        f"state log {tp.topic}[{tp.partition}] starts at offset {first}: records were deleted "
+                        "(retention), so the partition's state cannot be rebuilt. Set retention.ms=-1 on the "
+                        "state log and backfill into a fresh deployment.")
             # Read to the end offsets, then until a poll comes back empty: some
             # brokers (Tansu) under-report the end offset.
             while True:

@@ -36,6 +36,11 @@ class Record(msgspec.Struct, array_like=True, gc=False):
     rejected: dict[str, int]
     duplicates: int
     late: int
+    config: str = ""  # fingerprint of the settings the record was computed under
+
+
+class StateLogError(Exception):
+    """The state log cannot rebuild this partition's state; the message says why and what to do."""
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -64,13 +69,21 @@ def apply(engine: PartitionEngine, record: Record) -> None:
 class Replayer:
     """Applies a partition's records in order, skipping repeats; tracks the offset."""
 
-    def __init__(self, engine: PartitionEngine) -> None:
+    def __init__(self, engine: PartitionEngine, partition: int = 0) -> None:
         self.engine = engine
+        self.partition = partition
         self.offset: int | None = None  # next source offset to read
         self.applied = 0
         self.skipped = 0
 
     def feed(self, record: Record) -> bool:
+        expected = self.engine.cfg.fingerprint
+        if record.config and expected and record.config != expected:
+            raise StateLogError(
+                f"state log partition {self.partition} was written under different settings (fingerprint "
+                f"{record.config}, now {expected}): timezone, lateness, dedup_horizon, lifecycle thresholds, "
+                "money.decimals and channels cannot change under existing state. Restore the previous settings, "
+                "or start fresh under a new worker.app_id / kafka.topic_prefix and backfill.")
         if self.offset is not None and record.start != self.offset:
             self.skipped += 1
             return False

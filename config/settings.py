@@ -3,7 +3,7 @@
 ``load(path)`` raises :class:`ConfigError` whose message names the file, the
 key and the fault, e.g.::
 
-    config/kpimon.yaml: lifecycle.sleeping_after: must be greater than silent_after (7d)
+    config/kpimon.yaml: lifecycle: sleeping_after: must be greater than silent_after (7d)
 
 Connection settings can be overridden from the environment (``KPIMON_BROKER``,
 ``KPIMON_REDIS_URL``, ``KPIMON_WEB_HOST``, ``KPIMON_WEB_PORT``,
@@ -105,9 +105,11 @@ class Settings(_Model):
     timezone: str = "UTC"
     lateness: Duration = parse_duration("5m")
     dedup_horizon: Duration = parse_duration("7d")
+    max_future: Duration = parse_duration("1d")
     lifecycle: Lifecycle = Lifecycle()
     channels: tuple[str, ...] = ("organic", "paid_search", "social", "email", "referral")
-    event_types: tuple[str, ...] = ("signup", "purchase", "refund", "invite", "login", "page_view")
+    event_types: tuple[str, ...] = ("signup", "purchase", "refund", "invite", "login", "page_view", "session_start",
+                                    "app_open")
     money: Money = Money()
     kafka: Kafka = Kafka()
     worker: Worker = Worker()
@@ -123,7 +125,7 @@ class Settings(_Model):
             raise ValueError(f"unknown IANA timezone {value!r}") from None
         return value
 
-    @field_validator("lateness", "dedup_horizon")
+    @field_validator("lateness", "dedup_horizon", "max_future")
     @classmethod
     def _non_negative(cls, value: int) -> int:
         if value < 0:

@@ -1,6 +1,6 @@
 """Topic administration and producing tools (kafka-python, synchronous).
 
-Used by the CLI (``send``, ``backfill``, ``topics create``), tests and
+Used by the CLI (``send``, ``backfill``), tests and
 benchmarks; the worker calls :func:`ensure_topics` in a thread at start-up.
 """
 
@@ -43,7 +43,10 @@ def ensure_topics(bootstrap: str, topics: Topics, partitions: int) -> int:
         wanted = {topics.events: events_parts, topics.state_log: events_parts}
         for name in topics.single_partition():
             wanted[name] = 1
-        new = [NewTopic(name, n, 1) for name, n in wanted.items() if name not in existing]
+        # The state log is the source of truth for recovery: never delete from it.
+        configs = {topics.state_log: {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}}
+        new = [NewTopic(name, n, 1, topic_configs=configs.get(name, {})) for name, n in wanted.items()
+               if name not in existing]
         if new:
             try:
                 admin.create_topics(new)

@@ -87,8 +87,8 @@ class Event(msgspec.Struct, array_like=True, gc=False, frozen=True):
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _MS = _dt.timedelta(milliseconds=1)
-# Anything outside these years is almost certainly a unit error (seconds vs ms).
-_MIN_TS = -2208988800000  # 1900-01-01
+# Before 2000 is almost certainly a unit error (epoch seconds read as milliseconds).
+MIN_TS = 946684800000  # 2000-01-01T00:00:00Z
 _MAX_TS = 4102444800000  # 2100-01-01
 
 
@@ -114,12 +114,15 @@ class Decoder:
     with more fractional digits than that are rejected rather than rounded.
     """
 
-    __slots__ = ("_dec", "_scale", "decimals")
+    __slots__ = ("_dec", "_scale", "decimals", "max_ts")
 
-    def __init__(self, decimals: int = 2) -> None:
+    def __init__(self, decimals: int = 2, max_ts: int = _MAX_TS) -> None:
         self._dec = msgspec.json.Decoder(RawEvent)
         self.decimals = decimals
         self._scale = decimal.Decimal(10) ** decimals
+        # Latest acceptable ts; the worker sets it to wall clock + max_future before each
+        # batch, so that one event dated 2099 cannot push a partition's watermark there.
+        self.max_ts = max_ts
 
     def decode(self, data: bytes) -> Event:
         if len(data) > MAX_EVENT_BYTES:
@@ -133,8 +136,11 @@ class Decoder:
             ts_ms = ts
         else:
             ts_ms = (ts - _EPOCH) // _MS
-        if not _MIN_TS <= ts_ms < _MAX_TS:
-            raise Rejected(Reason.BAD_TIMESTAMP, f"ts {raw.ts!r} is outside 1900..2100 (epoch milliseconds expected)")
+        if ts_ms < MIN_TS:
+            raise Rejected(Reason.BAD_TIMESTAMP, f"ts {raw.ts!r} is before 2000-01-01 (epoch milliseconds expected, "
+                                                 "not seconds)")
+        if ts_ms > self.max_ts:
+            raise Rejected(Reason.BAD_TIMESTAMP, f"ts {raw.ts!r} is too far in the future (after {self.max_ts} ms)")
         code = TYPE_CODES.get(raw.type, ACTIVITY)
         amount = 0
         if raw.amount is not None:

@@ -153,12 +153,16 @@ def run_pipeline(lines: list[bytes], settings: Any, partitions: int, until_ms: i
             "late": tot.late})
         decoded = wire.decode_partials(wire.json_encode(progress))
         assert isinstance(decoded, wire.Progress)
-        for out in aggregator.on_progress(decoded):
+        ready = aggregator.on_progress(decoded)  # as the faust agent does: publish, then mark
+        for out in ready:
+            if not aggregator.reportable(out):
+                continue
             out = wire.decode_periods(wire.json_encode(out))
             if isinstance(out, wire.ClosedPeriod):
                 closed.append(out)
             else:
                 marks.append(out.watermark)
+        aggregator.mark_published(ready)
 
     def process(p: int, msgs: list[FakeRecord]) -> None:
         start = next_offset[p]

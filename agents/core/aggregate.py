@@ -20,6 +20,9 @@ from agents.core.metrics import PeriodMetrics, merge_all
 from streams.topics import ClosedPeriod, GlobalWatermark, Partial, Progress
 
 
+NOTICE_EVERY_MS = 60_000
+
+
 class Aggregator:
     def __init__(self, partials: MutableMapping[str, Any], progress: MutableMapping[str, Any],
                  closed: MutableMapping[str, Any]) -> None:
@@ -37,6 +40,12 @@ class Aggregator:
         self.partials[key] = {"meta": entry["meta"], "parts": parts}
 
     def on_progress(self, msg: Progress) -> list[ClosedPeriod | GlobalWatermark]:
+        """Record a partition's watermark; return what is now closed (not yet marked).
+
+        The caller publishes the returned messages and *then* calls
+        :meth:`mark_published`: a crash in between re-emits them (consumers
+        keep the latest per key) instead of losing them.
+        """
         prev = self.progress.get(str(msg.partition))
         if prev is not None and prev["watermark"] > msg.watermark:
             return []  # an older message delivered again
@@ -55,12 +64,29 @@ class Aggregator:
             entry = self.partials[key]
             grain, label = entry["meta"][0], entry["meta"][1]
             merged = merge_all([PeriodMetrics.from_wire(w) for _, w in sorted(entry["parts"].items())])
-            if not merged.is_empty():  # periods before any data are not reported
-                out.append(ClosedPeriod(grain, label, start, end, msg.partitions, merged.to_wire()))
-            self.closed[key] = end
-            del self.partials[key]
-        out.append(GlobalWatermark(wm, msg.partitions, self.totals(msg.partitions)))
+            out.append(ClosedPeriod(grain, label, start, end, msg.partitions, merged.to_wire()))
+        last = self.progress.get("global") or {"watermark": None}
+        # A watermark notice when periods closed, or when it moved by a minute (live ticks are
+        # every second: publishing each would flood kpimon.periods).
+        if out or last["watermark"] is None or wm - last["watermark"] >= NOTICE_EVERY_MS:
+            out.append(GlobalWatermark(wm, msg.partitions, self.totals(msg.partitions)))
         return out
+
+    def mark_published(self, published: list[ClosedPeriod | GlobalWatermark]) -> list[ClosedPeriod]:
+        """Mark published periods closed; returns the non-empty ones worth reporting."""
+        for item in published:
+            if isinstance(item, ClosedPeriod):
+                key = f"{item.grain}/{item.period}"
+                self.closed[key] = item.end
+                self.partials.pop(key, None)
+            else:
+                self.progress["global"] = {"watermark": item.watermark}
+        return [item for item in published if isinstance(item, ClosedPeriod)]
+
+    @staticmethod
+    def reportable(item: ClosedPeriod | GlobalWatermark) -> bool:
+        """Periods before any data (all zero) are not published."""
+        return not (isinstance(item, ClosedPeriod) and PeriodMetrics.from_wire(item.metrics).is_empty())
 
     def global_watermark(self, partitions: int) -> int | None:
         marks = []

@@ -20,6 +20,7 @@ replaying those records rebuilds the same state after a crash.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -46,15 +47,19 @@ class EngineConfig:
     lateness: int
     dedup_horizon: int
     channel_label: Callable[[str | None], str] = lambda ch: ch or "unknown"
+    fingerprint: str = ""  # of every setting that changes what the state means (see from_settings)
 
     @classmethod
     def from_settings(cls, settings) -> EngineConfig:  # noqa: ANN001 - config.settings.Settings
+        meaning = (settings.timezone, settings.lateness, settings.dedup_horizon, settings.lifecycle.thresholds,
+                   settings.money.decimals, settings.channels)
         return cls(
             calendar=Calendar(settings.timezone),
             thresholds=Thresholds(*settings.lifecycle.thresholds),
             lateness=settings.lateness,
             dedup_horizon=settings.dedup_horizon,
             channel_label=settings.channel_label,
+            fingerprint=hashlib.sha256(repr(meaning).encode()).hexdigest()[:16],
         )
 
 

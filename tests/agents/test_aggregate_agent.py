@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from unittest.mock import AsyncMock, patch
 
 import pytest
@@ -32,13 +33,20 @@ def partial(p: int, n: int, label: str, **values: int) -> bytes:
     return wire.json_encode(wire.Partial(p, n, "day", label, JAN1, JAN1 + DAY, m.to_wire()))
 
 
+def delivered(**kwargs):
+    """What faust's ``topic.send`` returns: a future of the delivery, here already done."""
+    fut = asyncio.get_running_loop().create_future()
+    fut.set_result(None)
+    return fut
+
+
 def progress(p: int, n: int, wm: int, accepted: int = 0) -> bytes:
     return wire.json_encode(wire.Progress(p, n, wm, {"accepted": accepted, "rejected": {"not_json": 1},
                                                      "duplicates": 0, "late": 0}))
 
 
 async def test_a_period_closes_only_when_every_partition_passed_its_end(app):
-    sent = AsyncMock()
+    sent = AsyncMock(side_effect=delivered)
     with patch.object(app.kpimon_periods_topic, "send", sent):
         async with app.kpimon_aggregate_agent.test_context() as agent:
             await agent.put(partial(0, 2, "2024-01-01", orders=3, active_users=2))
@@ -60,7 +68,7 @@ async def test_a_period_closes_only_when_every_partition_passed_its_end(app):
 
 
 async def test_redelivered_partials_and_progress_change_nothing(app):
-    sent = AsyncMock()
+    sent = AsyncMock(side_effect=delivered)
     with patch.object(app.kpimon_periods_topic, "send", sent):
         async with app.kpimon_aggregate_agent.test_context() as agent:
             for _ in range(2):
