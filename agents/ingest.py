@@ -394,7 +394,7 @@ class IngestService:
                     await self._send_all([(self.topics.partials, {"key": k, "value": v, "partition": 0})
                                           for k, v in msgs])
                 log.info("recovered partition %d: %d records applied, %d skipped, offset %s, %d users",
-                         p, rp.applied, rp.skipped, rp.offset, len(engine.users))
+                         p, rp.applied, rp.skipped, rp.offset, engine.user_count())
             log.info("recovered %d partitions in %.2fs", len(partitions), time.monotonic() - started)
 
     async def _read_state_log(self, partitions: list[int]):  # noqa: ANN202 - async generator

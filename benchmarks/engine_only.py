@@ -54,7 +54,7 @@ def main() -> None:
         pos += batch
     engine.advance(marker=engine.max_ts)
     dt = time.perf_counter() - t0
-    print(f"events={n} seconds={dt:.2f} events_per_s={n / dt:,.0f} users={len(engine.users)} "
+    print(f"events={n} seconds={dt:.2f} events_per_s={n / dt:,.0f} users={engine.user_count()} "
           f"us_per_event={dt / n * 1e6:.2f}")
 
 

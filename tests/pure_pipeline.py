@@ -244,7 +244,7 @@ def engine_state(engine: PartitionEngine) -> dict[str, Any]:
         "active_in_windows": engine.active_in_windows(),
         "totals": {"accepted": t.accepted, "duplicates": t.duplicates, "late": t.late,
                    "rejected": dict(sorted(t.rejected.items()))},
-        "users": {uid: (u.last, u.signup, u.last_purchase) for uid, u in sorted(engine.users.items())},
+        "users": dict(sorted(engine.users_state().items())),
         "zones": [list(z.items()) for z in engine.zones],
         "buffer": sorted((ev.ts, ev.event_id) for ev in engine.buffer),
         "dedup": dict(sorted(engine.dedup.items())),

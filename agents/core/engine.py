@@ -21,7 +21,7 @@ replaying those records rebuilds the same state after a crash.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Callable
@@ -63,17 +63,6 @@ class EngineConfig:
         )
 
 
-class User:
-    """Per-user state.  ``last`` is the last applied activity instant."""
-
-    __slots__ = ("last", "signup", "last_purchase")
-
-    def __init__(self, last: int) -> None:
-        self.last = last
-        self.signup = NEVER
-        self.last_purchase = NEVER
-
-
 @dataclass
 class Closed:
     """A period's numbers from one partition, final once emitted."""
@@ -107,9 +96,13 @@ class PartitionEngine:
         self.dedup: dict[str, int] = {}  # event_id -> ts, in arrival order
         self._dedup_ts: deque[int] = deque()  # the same, for expiry
         self._dedup_ids: deque[str] = deque()
-        self.users: dict[str, User] = {}
-        # zones[k]: user_id -> last activity, ordered by last activity.
-        self.zones: list[OrderedDict[str, int]] = [OrderedDict() for _ in self.ladder.bounds]
+        # Per-user state, kept small (docs/performance.md): every user is in exactly one
+        # zone, zones[k]: user_id -> last activity instant, in order of last activity
+        # (plain dicts keep insertion order; deletions leave holes that _compact removes).
+        self.zones: list[dict[str, int]] = [{} for _ in self.ladder.bounds]
+        self._holes: list[int] = [0] * len(self.ladder.bounds)
+        self.signed: set[str] = set()  # users whose first signup was applied
+        self.last_purchase: dict[str, int] = {}  # only users who ever purchased
         self.totals = Totals()
         self.outbox: list[Closed] = []
         # (from_state, to_state) -> count, drained by the exporter.
@@ -222,14 +215,13 @@ class PartitionEngine:
         if i:
             del buf[:i]
 
-    def _zone_of(self, last: int) -> int:
-        """Zone of a user whose aging was last scanned up to ``self.cursor``."""
-        bounds = self.ladder.bounds
-        k = 0
-        cursor = self.cursor
-        while k + 1 < len(bounds) and last + bounds[k + 1] < cursor:
-            k += 1
-        return k
+    def _find(self, uid: str) -> tuple[int, int | None]:
+        """(zone, last activity) of a user; (-1, None) if unknown.  Zone 0 is tried first."""
+        for k, zone in enumerate(self.zones):
+            a = zone.get(uid)
+            if a is not None:
+                return k, a
+        return -1, None
 
     def _enter(self, frm: int, to: int, n: int = 1) -> None:
         """Count ``n`` users' lifecycle entries from ``frm`` to ``to``, inside the current day."""
@@ -247,59 +239,41 @@ class PartitionEngine:
         accs = self._accs
         periods = self._periods
         day = accs[0]
-        user = self.users.get(uid)
         zones = self.zones
-        if user is None:
-            user = self.users[uid] = User(t)
-            zones[0][uid] = t
+        z0 = zones[0]
+        a = z0.get(uid)
+        zone = 0
+        if a is None:
+            zone, a = self._find(uid)
+        if a is None:
+            z0[uid] = t
             for acc in accs:
                 acc.active_users += 1
-        else:
-            a = user.last
-            if t > a:
-                zone = self._zone_of(a)
-                # Entries after the last scan but before this activity.
-                states = self.ladder.state
-                bounds = self.ladder.bounds
-                k = zone
-                while k + 1 < len(bounds) and a + bounds[k + 1] < t:
-                    k += 1
-                frm = states[zone]
-                before = states[k]
-                self._enter(frm, before)
-                if before != ACTIVE:
-                    key = (before, ACTIVE)
-                    self.transitions[key] = self.transitions.get(key, 0) + 1
-                    gap = t - a
-                    if gap > self.th.dead:
-                        day.won_back_dead += 1
-                    elif gap > self.th.churned:
-                        day.won_back_churned += 1
-                if zone:
-                    del zones[zone][uid]
-                    zones[0][uid] = t
-                else:
-                    z0 = zones[0]
-                    z0[uid] = t
-                    z0.move_to_end(uid)
-                if a < periods[0].start_ms:  # first activity today; ISO weeks straddle months
-                    for g, acc in enumerate(accs):
-                        if a < periods[g].start_ms:
-                            acc.active_users += 1
-                user.last = t
+        elif t > a:
+            bounds = self.ladder.bounds
+            # Entries due after the last scan but before this activity (zone 0 users too).
+            if zone or (len(bounds) > 1 and a + bounds[1] < t):
+                self._comeback(zone, a, t, day)
+            del zones[zone][uid]  # re-inserted at the end: zones stay ordered by last activity
+            self._holes[zone] += 1
+            z0[uid] = t
+            if a < periods[0].start_ms:  # first activity today; ISO weeks straddle months
+                for g, acc in enumerate(accs):
+                    if a < periods[g].start_ms:
+                        acc.active_users += 1
         code = ev.code
         if code == PURCHASE:
             day.orders += 1
             day.revenue += ev.amount
-            lp = user.last_purchase
+            lp = self.last_purchase.get(uid, NEVER)
             if lp < periods[0].start_ms:
                 for g, acc in enumerate(accs):
                     if lp < periods[g].start_ms:
                         acc.paying_users += 1
-            user.last_purchase = t
+            self.last_purchase[uid] = t
         elif code == SIGNUP:
-            if user.signup == NEVER:
-                user.signup = t
+            if uid not in self.signed:
+                self.signed.add(uid)
                 day.new_users += 1
                 ch = self.cfg.channel_label(ev.channel)
                 day.new_users_by_channel[ch] = day.new_users_by_channel.get(ch, 0) + 1
@@ -311,29 +285,55 @@ class PartitionEngine:
         elif code == INVITE:
             day.invites += 1
 
+    def _comeback(self, zone: int, a: int, t: int, day: PeriodMetrics) -> None:
+        """A user last active at ``a`` (in ``zone``) is active again at ``t``."""
+        bounds = self.ladder.bounds
+        states = self.ladder.state
+        k = zone
+        while k + 1 < len(bounds) and a + bounds[k + 1] < t:
+            k += 1
+        before = states[k]
+        self._enter(states[zone], before)
+        if before != ACTIVE:
+            key = (before, ACTIVE)
+            self.transitions[key] = self.transitions.get(key, 0) + 1
+            gap = t - a
+            if gap > self.th.dead:
+                day.won_back_dead += 1
+            elif gap > self.th.churned:
+                day.won_back_churned += 1
+
+    def _compact(self, k: int) -> dict[str, int]:
+        """Rebuild zone k once deletions left as many holes as it has users (amortized O(1))."""
+        zone = self.zones[k]
+        if self._holes[k] > len(zone) + 1024:
+            zone = self.zones[k] = dict(zone)
+            self._holes[k] = 0
+        return zone
+
     def _age(self, limit: int) -> None:
         """Move users whose inactivity crosses a zone bound before ``limit``."""
         bounds = self.ladder.bounds
         states = self.ladder.state
         zones = self.zones
         for k in range(1, len(bounds)):
-            src = zones[k - 1]
-            if not src:
+            if not zones[k - 1]:
                 continue
+            src = self._compact(k - 1)
             dst = zones[k]
             cutoff = limit - bounds[k]  # users whose last activity is before it move
-            pop = src.popitem
-            moved = 0
-            while src:
-                uid, a = pop(last=False)
-                if a >= cutoff:
-                    src[uid] = a
-                    src.move_to_end(uid, last=False)
+            moving = []
+            for item in src.items():
+                if item[1] >= cutoff:
                     break
-                dst[uid] = a
-                moved += 1
-            if moved and states[k] != states[k - 1]:
-                self._enter(states[k - 1], states[k], moved)
+                moving.append(item)
+            if moving:
+                for uid, a in moving:
+                    del src[uid]
+                    dst[uid] = a
+                self._holes[k - 1] += len(moving)
+                if states[k] != states[k - 1]:
+                    self._enter(states[k - 1], states[k], len(moving))
 
     def population(self) -> list[int]:
         """Users per lifecycle state as of the last scan (just before ``cursor``)."""
@@ -371,6 +371,17 @@ class PartitionEngine:
         pop = self.population()
         for _, m in out:
             m.population = list(pop)
+        return out
+
+    def user_count(self) -> int:
+        return sum(len(z) for z in self.zones)
+
+    def users_state(self) -> dict[str, tuple[int, int, bool, int | None]]:
+        """Every user's (zone, last activity, signed up, last purchase); for tests and tools."""
+        out = {}
+        for k, zone in enumerate(self.zones):
+            for uid, a in zone.items():
+                out[uid] = (k, a, uid in self.signed, self.last_purchase.get(uid))
         return out
 
     def take_outbox(self) -> list[Closed]:
