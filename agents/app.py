@@ -34,6 +34,8 @@ def create_app(settings: Any, registry=None) -> faust.App:  # noqa: ANN001
     ingest = IngestService(settings, metrics)
     registry.register(StateCollector(ingest.owned_engines, settings.money.decimals))
     session = max(2.0, settings.worker.session_timeout / 1000)
+    datadir = os.path.join(tempfile.gettempdir(), "kpimon-faust")
+    os.makedirs(datadir, exist_ok=True)
 
     app = faust.App(
         f"{settings.kafka.topic_prefix}{settings.worker.app_id}-agg",
@@ -53,7 +55,7 @@ def create_app(settings: Any, registry=None) -> faust.App:  # noqa: ANN001
         producer_max_request_size=16 * 1024 * 1024,
         web_in_thread=False,
         # faust keeps only small bookkeeping here (tables use the memory store)
-        datadir=os.path.join(tempfile.gettempdir(), "kpimon-faust", "{conf.name}-data"),
+        datadir=os.path.join(datadir, "{conf.name}-data"),
     )
     app.kpimon_settings = settings
     app.kpimon_ingest = ingest
