@@ -107,6 +107,10 @@ class PartitionEngine:
         self.outbox: list[Closed] = []
         # (from_state, to_state) -> count, drained by the exporter.
         self.transitions: dict[tuple[int, int], int] = {}
+        # Per-user changes for the serving layer (agents/serving.py), only when enabled:
+        # user_id -> [last activity, zone, first signup ts | None, channel | None, revenue delta].
+        self.track_users = False
+        self.touched: dict[str, list] = {}
         # The open period of each grain and its accumulator.  Additive metrics
         # live on the day accumulator only and roll up when the day closes.
         self._periods: list[Period] = []
@@ -262,6 +266,7 @@ class PartitionEngine:
                     if a < periods[g].start_ms:
                         acc.active_users += 1
         code = ev.code
+        first_signup = False
         if code == PURCHASE:
             day.orders += 1
             day.revenue += ev.amount
@@ -273,6 +278,7 @@ class PartitionEngine:
             self.last_purchase[uid] = t
         elif code == SIGNUP:
             if uid not in self.signed:
+                first_signup = True
                 self.signed.add(uid)
                 day.new_users += 1
                 ch = self.cfg.channel_label(ev.channel)
@@ -284,6 +290,21 @@ class PartitionEngine:
             day.refunds += ev.amount
         elif code == INVITE:
             day.invites += 1
+        if self.track_users:
+            self._touch(ev, first_signup)
+
+    def _touch(self, ev: Event, first_signup: bool) -> None:
+        rec = self.touched.get(ev.user_id)
+        if rec is None:
+            rec = self.touched[ev.user_id] = [ev.ts, 0, None, None, 0]
+        rec[0], rec[1] = ev.ts, 0
+        code = ev.code
+        if first_signup:
+            rec[2], rec[3] = ev.ts, ev.channel
+        elif code == PURCHASE:
+            rec[4] += ev.amount
+        elif code == REFUND:
+            rec[4] -= ev.amount
 
     def _comeback(self, zone: int, a: int, t: int, day: PeriodMetrics) -> None:
         """A user last active at ``a`` (in ``zone``) is active again at ``t``."""
@@ -332,6 +353,14 @@ class PartitionEngine:
                     del src[uid]
                     dst[uid] = a
                 self._holes[k - 1] += len(moving)
+                if self.track_users and states[k] != states[k - 1]:
+                    touched = self.touched
+                    for uid, a in moving:
+                        rec = touched.get(uid)
+                        if rec is None:
+                            touched[uid] = [a, k, None, None, 0]
+                        else:
+                            rec[1] = k
                 if states[k] != states[k - 1]:
                     self._enter(states[k - 1], states[k], len(moving))
 
@@ -382,6 +411,10 @@ class PartitionEngine:
         for k, zone in enumerate(self.zones):
             for uid, a in zone.items():
                 out[uid] = (k, a, uid in self.signed, self.last_purchase.get(uid))
+        return out
+
+    def take_touched(self) -> dict[str, list]:
+        out, self.touched = self.touched, {}
         return out
 
     def take_outbox(self) -> list[Closed]:
