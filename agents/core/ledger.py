@@ -1,0 +1,193 @@
+"""The period-close ledger: immutable, versioned, content-hashed snapshots.  Pure.
+
+A snapshot is the record a bonus is paid from.  Version 1 is written when a
+period closes.  A late event for a closed period never changes it: it becomes
+a *restatement*, version n+1, carrying the new numbers, the delta against
+version n and how many late events are behind it.  Every version stays
+readable.
+
+Snapshots are canonical JSON (sorted keys, no whitespace, exact decimal
+strings), so the same input under the same configuration gives byte-identical
+snapshots, and ``hash`` (sha256 of the canonical form without the hash) proves
+it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import msgspec
+
+from agents.core.metrics import PeriodMetrics
+from streams.events import Event, PURCHASE, REFUND, INVITE, format_money
+
+_encode = msgspec.json.Encoder(order="sorted").encode
+
+# Metrics a late event can restate exactly: they are sums over events.  Distinct-user
+# and lifecycle numbers depend on the user's state at that time and are not restated
+# (docs/kpis.md, "Restatements").
+RESTATABLE = ("orders", "revenue", "refunds", "invites")
+
+
+def canonical(snapshot: dict[str, Any]) -> bytes:
+    return _encode(snapshot)
+
+
+def content_hash(snapshot: dict[str, Any]) -> str:
+    body = {k: v for k, v in snapshot.items() if k != "hash"}
+    return "sha256:" + hashlib.sha256(canonical(body)).hexdigest()
+
+
+def build(grain: str, period: str, start: str, end: str, metrics: dict[str, Any], *, version: int = 1,
+          config_version: dict[str, str], kpis: list[dict] | None = None, owners: list[dict] | None = None,
+          delta: dict[str, Any] | None = None, late_events: int = 0) -> dict[str, Any]:
+    snap: dict[str, Any] = {
+        "grain": grain,
+        "period": period,
+        "start": start,
+        "end": end,
+        "version": version,
+        "config_version": config_version,
+        "metrics": metrics,
+        "kpis": kpis or [],
+        "owners": owners or [],
+        "late_events": late_events,
+    }
+    if delta is not None:
+        snap["delta"] = delta
+    snap["hash"] = content_hash(snap)
+    return snap
+
+
+def late_delta(events: list[Event], decimals: int) -> tuple[PeriodMetrics, int]:
+    """The restatable effect of late events (all in one period) and how many count."""
+    d = PeriodMetrics()
+    n = 0
+    for ev in events:
+        code = ev.code
+        if code == PURCHASE:
+            d.orders += 1
+            d.revenue += ev.amount
+        elif code == REFUND:
+            d.revenue -= ev.amount
+            d.refunds += ev.amount
+        elif code == INVITE:
+            d.invites += 1
+        else:
+            continue
+        n += 1
+    return d, n
+
+
+def restate(base: PeriodMetrics, late: PeriodMetrics) -> PeriodMetrics:
+    """``base`` with the late events' restatable effect added."""
+    out = base.merge(PeriodMetrics())
+    for name in RESTATABLE:
+        setattr(out, name, getattr(base, name) + getattr(late, name))
+    return out
+
+
+def metrics_delta(old: PeriodMetrics, new: PeriodMetrics, decimals: int) -> dict[str, Any]:
+    """Non-zero differences, money as exact signed decimal strings."""
+    out: dict[str, Any] = {}
+    for name in RESTATABLE:
+        diff = getattr(new, name) - getattr(old, name)
+        if diff:
+            out[name] = (("+" if diff > 0 else "") + format_money(diff, decimals)) if name in ("revenue", "refunds") \
+                else diff
+    return out
+
+
+class Book:
+    """Versions of every closed period, and late events waiting for their period to close.
+
+    State lives in mappings (faust Tables in the worker, dicts in tests):
+    ``versions``: "grain/label" -> {"version", "start", "end", "metrics": wire, "late": [event_id, ...]};
+    ``pending``: "grain/label" -> {"events": [encoded Event, ...]} for periods not closed yet.
+    ``evaluate(grain, label, start_ms, end_ms, metrics_result, prev_result)`` returns (kpis, owners).
+    """
+
+    def __init__(self, versions, pending, *, calendar, warning_state: str, decimals: int,  # noqa: ANN001
+                 config_version: dict[str, str], evaluate=None) -> None:  # noqa: ANN001
+        self.versions = versions
+        self.pending = pending
+        self.cal = calendar
+        self.warning_state = warning_state
+        self.decimals = decimals
+        self.config_version = config_version
+        self.evaluate = evaluate
+        self._ev_encode = msgspec.msgpack.Encoder().encode
+        self._ev_decode = msgspec.msgpack.Decoder(Event).decode
+
+    def _money(self, v: int) -> str:
+        return format_money(v, self.decimals)
+
+    def _snapshot(self, grain: str, label: str, start: int, end: int, metrics: PeriodMetrics, version: int,
+                  delta: dict | None, late_events: int) -> dict[str, Any]:
+        result = metrics.result(self.warning_state, self._money)
+        kpis: list[dict] = []
+        owners: list[dict] = []
+        if self.evaluate is not None:
+            kpis, owners = self.evaluate(grain, label, start, end, result, self.previous(grain, start))
+        return build(grain, label, self.cal.iso(start), self.cal.iso(end), result, version=version,
+                     config_version=self.config_version, kpis=kpis, owners=owners, delta=delta,
+                     late_events=late_events)
+
+    def previous(self, grain: str, start: int) -> dict[str, Any] | None:
+        """The result of the closed period of ``grain`` ending where this one starts (for prev.* formulas)."""
+        prev = self.cal.period_at(start - 1, grain)
+        entry = self.versions.get(f"{grain}/{prev.label}")
+        if entry is None:
+            return None
+        return PeriodMetrics.from_wire(entry["metrics"]).result(self.warning_state, self._money)
+
+    def on_closed(self, grain: str, label: str, start: int, end: int, metrics: PeriodMetrics) -> list[dict]:
+        """Version 1 of a newly closed period (plus a restatement for late events already waiting)."""
+        key = f"{grain}/{label}"
+        if key in self.versions:
+            return []  # a repeated close: version 1 exists
+        self.versions[key] = {"version": 1, "start": start, "end": end, "metrics": metrics.to_wire(), "late": []}
+        out = [self._snapshot(grain, label, start, end, metrics, 1, None, 0)]
+        waiting = self.pending.pop(key, None) if key in self.pending else None
+        if waiting:
+            out.extend(self._restate(key, [self._ev_decode(b) for b in waiting["events"]]))
+        return out
+
+    def on_late(self, events: list[Event]) -> list[dict]:
+        """Late events: restate closed periods they fall in, or hold them until their period closes."""
+        by_key: dict[str, list[Event]] = {}
+        for ev in events:
+            for period in self.cal.periods_at(ev.ts):
+                by_key.setdefault(f"{period.grain}/{period.label}", []).append(ev)
+        out: list[dict] = []
+        for key, evs in by_key.items():
+            if key in self.versions:
+                out.extend(self._restate(key, evs))
+            else:
+                entry = self.pending.get(key) or {"events": []}
+                known = {self._ev_decode(b).event_id for b in entry["events"]}
+                fresh = [self._ev_encode(e) for e in evs if e.event_id not in known]
+                if fresh:
+                    self.pending[key] = {"events": [*entry["events"], *fresh]}
+        return out
+
+    def _restate(self, key: str, events: list[Event]) -> list[dict]:
+        entry = self.versions[key]
+        seen = set(entry["late"])
+        fresh = []
+        for ev in events:
+            if ev.event_id not in seen:
+                seen.add(ev.event_id)
+                fresh.append(ev)
+        late, n = late_delta(fresh, self.decimals)
+        if not n:
+            return []
+        base = PeriodMetrics.from_wire(entry["metrics"])
+        new = restate(base, late)
+        version = entry["version"] + 1
+        grain, label = key.split("/", 1)
+        self.versions[key] = {"version": version, "start": entry["start"], "end": entry["end"],
+                              "metrics": new.to_wire(), "late": sorted(seen)}
+        return [self._snapshot(grain, label, entry["start"], entry["end"], new, version,
+                               metrics_delta(base, new, self.decimals), n)]
