@@ -19,15 +19,32 @@ import mode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.core.aggregate import Aggregator
+from agents.core.ledger import Book, canonical
+from agents.core.metrics import PeriodMetrics
+from agents.core.periods import Calendar
 from agents.exporter import KpimonMetrics, StateCollector, new_registry
 from agents.ingest import IngestService
+from agents.snapshots import SnapshotStore
+from streams.events import Decoder, Rejected
 from streams import topics as wire
 from streams.topics import Topics
 
 log = logging.getLogger("kpimon.app")
 
 
-def create_app(settings: Any, registry=None) -> faust.App:  # noqa: ANN001
+def config_version(settings: Any, kpi_spec: Any) -> dict[str, str]:
+    """What a snapshot was computed under: the engine settings' and the KPI spec's fingerprints."""
+    from agents.core.engine import EngineConfig
+
+    return {"settings": EngineConfig.from_settings(settings).fingerprint,
+            "kpis": getattr(kpi_spec, "fingerprint", "") if kpi_spec is not None else ""}
+
+
+def kpi_evaluator(kpi_spec: Any, settings: Any):  # noqa: ANN201 - set when the KPI layer lands
+    return None
+
+
+def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:  # noqa: ANN001
     topics = Topics(settings.kafka.topic_prefix, settings.worker.app_id)
     registry = registry or new_registry()
     metrics = KpimonMetrics(registry, settings.event_types, settings.channels, settings.money.decimals)
@@ -88,6 +105,30 @@ def create_app(settings: Any, registry=None) -> faust.App:  # noqa: ANN001
     app.kpimon_aggregator = aggregator
     app.kpimon_periods_topic = periods_topic
 
+    snapshots_topic = app.topic(topics.snapshots, value_serializer="raw", key_serializer="raw", partitions=1)
+    late_topic = app.topic(topics.late, value_serializer="raw", key_serializer="raw", partitions=1)
+    book = Book(app.Table("ledger-versions", default=None, partitions=1),
+                app.Table("ledger-pending", default=None, partitions=1),
+                calendar=Calendar(settings.timezone), warning_state=settings.lifecycle.warning_state,
+                decimals=settings.money.decimals, config_version=config_version(settings, kpi_spec),
+                evaluate=kpi_evaluator(kpi_spec, settings) if kpi_spec is not None else None)
+    redis_on = getattr(settings.redis, "enabled", False)
+    store = SnapshotStore(settings.redis.url, getattr(settings.redis, "key_prefix", "kpimon:")) if redis_on else None
+    app.kpimon_book = book
+    app.kpimon_snapshots_topic = snapshots_topic
+
+    async def publish(topic, key: str, value: bytes) -> None:  # noqa: ANN001
+        fut = await topic.send(key=key.encode(), value=value)
+        await fut  # delivered before the state that produced it is marked published
+
+    async def publish_snapshots(snapshots: list[dict]) -> None:
+        for snap in snapshots:
+            raw = canonical(snap)
+            await publish(snapshots_topic, f"{snap['grain']}/{snap['period']}/v{snap['version']}", raw)
+            if store is not None:
+                start = Calendar(settings.timezone).parse(snap["grain"], snap["period"]).start_ms / 1000
+                await store.put(snap, raw, start)
+
     @app.agent(partials_topic)
     async def aggregate(stream):  # noqa: ANN001, ANN202
         async for raw in stream:
@@ -96,13 +137,35 @@ def create_app(settings: Any, registry=None) -> faust.App:  # noqa: ANN001
                 aggregator.on_partial(msg)
                 continue
             ready = aggregator.on_progress(msg)
+            snapshots: list[dict] = []
             for out in ready:
                 if not aggregator.reportable(out):
                     continue
                 key = f"{out.grain}/{out.period}" if isinstance(out, wire.ClosedPeriod) else "watermark"
-                fut = await periods_topic.send(key=key.encode(), value=wire.json_encode(out))
-                await fut  # delivered before it is marked published
+                await publish(periods_topic, key, wire.json_encode(out))
+                if isinstance(out, wire.ClosedPeriod):
+                    snapshots.extend(book.on_closed(out.grain, out.period, out.start, out.end,
+                                                    PeriodMetrics.from_wire(out.metrics)))
+            await publish_snapshots(snapshots)
+            book.commit()
             aggregator.mark_published(ready)
+
+    late_decoder = Decoder(settings.money.decimals)
+
+    @app.agent(late_topic)
+    async def restate(stream):  # noqa: ANN001, ANN202
+        """Late events never change a closed period: they become restatements (new versions)."""
+        async for values in stream.take(1000, within=1.0):
+            events = []
+            for raw in values:
+                try:
+                    events.append(late_decoder.decode(raw))
+                except Rejected:  # cannot happen for records the worker accepted as valid
+                    log.warning("undecodable record on the late topic skipped")
+            await publish_snapshots(book.on_late(events))
+            book.commit()
+
+    app.kpimon_restate_agent = restate
 
     app.kpimon_aggregate_agent = aggregate
 

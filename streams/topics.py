@@ -58,8 +58,13 @@ class Topics:
         """Closed periods aggregated over all partitions (and watermark notices)."""
         return f"{self.prefix}kpimon.periods"
 
+    @property
+    def snapshots(self) -> str:
+        """Period-close snapshots, every version (docs/kpis.md)."""
+        return f"{self.prefix}kpimon.snapshots"
+
     def single_partition(self) -> tuple[str, ...]:
-        return (self.dlq, self.late, self.partials, self.periods)
+        return (self.dlq, self.late, self.partials, self.periods, self.snapshots)
 
 
 # ---- wire messages on the partials and periods topics (JSON) ----------------

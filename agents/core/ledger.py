@@ -106,6 +106,10 @@ class Book:
     ``versions``: "grain/label" -> {"version", "start", "end", "metrics": wire, "late": [event_id, ...]};
     ``pending``: "grain/label" -> {"events": [encoded Event, ...]} for periods not closed yet.
     ``evaluate(grain, label, start_ms, end_ms, metrics_result, prev_result)`` returns (kpis, owners).
+
+    Changes are staged: the caller publishes the returned snapshots and then calls
+    :meth:`commit`, so a crash in between repeats a version (same bytes) rather than
+    losing it.
     """
 
     def __init__(self, versions, pending, *, calendar, warning_state: str, decimals: int,  # noqa: ANN001
@@ -119,6 +123,24 @@ class Book:
         self.evaluate = evaluate
         self._ev_encode = msgspec.msgpack.Encoder().encode
         self._ev_decode = msgspec.msgpack.Decoder(Event).decode
+        self._staged: list[tuple[Any, str, Any]] = []  # (mapping, key, value or None to delete)
+
+    def _get(self, mapping, key: str):  # noqa: ANN001, ANN202 - staged value first
+        for m, k, v in reversed(self._staged):
+            if m is mapping and k == key:
+                return v
+        return mapping.get(key)
+
+    def _set(self, mapping, key: str, value) -> None:  # noqa: ANN001
+        self._staged.append((mapping, key, value))
+
+    def commit(self) -> None:
+        for mapping, key, value in self._staged:
+            if value is None:
+                mapping.pop(key, None)
+            else:
+                mapping[key] = value
+        self._staged.clear()
 
     def _money(self, v: int) -> str:
         return format_money(v, self.decimals)
@@ -137,7 +159,7 @@ class Book:
     def previous(self, grain: str, start: int) -> dict[str, Any] | None:
         """The result of the closed period of ``grain`` ending where this one starts (for prev.* formulas)."""
         prev = self.cal.period_at(start - 1, grain)
-        entry = self.versions.get(f"{grain}/{prev.label}")
+        entry = self._get(self.versions, f"{grain}/{prev.label}")
         if entry is None:
             return None
         return PeriodMetrics.from_wire(entry["metrics"]).result(self.warning_state, self._money)
@@ -145,12 +167,14 @@ class Book:
     def on_closed(self, grain: str, label: str, start: int, end: int, metrics: PeriodMetrics) -> list[dict]:
         """Version 1 of a newly closed period (plus a restatement for late events already waiting)."""
         key = f"{grain}/{label}"
-        if key in self.versions:
+        if self._get(self.versions, key) is not None:
             return []  # a repeated close: version 1 exists
-        self.versions[key] = {"version": 1, "start": start, "end": end, "metrics": metrics.to_wire(), "late": []}
+        self._set(self.versions, key, {"version": 1, "start": start, "end": end, "metrics": metrics.to_wire(),
+                                       "late": []})
         out = [self._snapshot(grain, label, start, end, metrics, 1, None, 0)]
-        waiting = self.pending.pop(key, None) if key in self.pending else None
+        waiting = self._get(self.pending, key)
         if waiting:
+            self._set(self.pending, key, None)
             out.extend(self._restate(key, [self._ev_decode(b) for b in waiting["events"]]))
         return out
 
@@ -162,18 +186,18 @@ class Book:
                 by_key.setdefault(f"{period.grain}/{period.label}", []).append(ev)
         out: list[dict] = []
         for key, evs in by_key.items():
-            if key in self.versions:
+            if self._get(self.versions, key) is not None:
                 out.extend(self._restate(key, evs))
             else:
-                entry = self.pending.get(key) or {"events": []}
+                entry = self._get(self.pending, key) or {"events": []}
                 known = {self._ev_decode(b).event_id for b in entry["events"]}
                 fresh = [self._ev_encode(e) for e in evs if e.event_id not in known]
                 if fresh:
-                    self.pending[key] = {"events": [*entry["events"], *fresh]}
+                    self._set(self.pending, key, {"events": [*entry["events"], *fresh]})
         return out
 
     def _restate(self, key: str, events: list[Event]) -> list[dict]:
-        entry = self.versions[key]
+        entry = self._get(self.versions, key)
         seen = set(entry["late"])
         fresh = []
         for ev in events:
@@ -187,7 +211,7 @@ class Book:
         new = restate(base, late)
         version = entry["version"] + 1
         grain, label = key.split("/", 1)
-        self.versions[key] = {"version": version, "start": entry["start"], "end": entry["end"],
-                              "metrics": new.to_wire(), "late": sorted(seen)}
+        self._set(self.versions, key, {"version": version, "start": entry["start"], "end": entry["end"],
+                                       "metrics": new.to_wire(), "late": sorted(seen)})
         return [self._snapshot(grain, label, entry["start"], entry["end"], new, version,
                                metrics_delta(base, new, self.decimals), n)]

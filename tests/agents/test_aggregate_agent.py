@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+
+import orjson
 from unittest.mock import AsyncMock, patch
 
 import pytest
@@ -47,7 +49,8 @@ def progress(p: int, n: int, wm: int, accepted: int = 0) -> bytes:
 
 async def test_a_period_closes_only_when_every_partition_passed_its_end(app):
     sent = AsyncMock(side_effect=delivered)
-    with patch.object(app.kpimon_periods_topic, "send", sent):
+    snaps = AsyncMock(side_effect=delivered)
+    with patch.object(app.kpimon_periods_topic, "send", sent), patch.object(app.kpimon_snapshots_topic, "send", snaps):
         async with app.kpimon_aggregate_agent.test_context() as agent:
             await agent.put(partial(0, 2, "2024-01-01", orders=3, active_users=2))
             await agent.put(progress(0, 2, JAN1 + DAY, accepted=10))
@@ -65,11 +68,36 @@ async def test_a_period_closes_only_when_every_partition_passed_its_end(app):
     assert isinstance(last, wire.GlobalWatermark)
     assert last.watermark == JAN1 + DAY
     assert last.totals["accepted"] == 16 and last.totals["rejected"] == 2
+    # The close wrote version 1 of the period's snapshot to the ledger topic.
+    (call,) = snaps.await_args_list
+    snapshot = orjson.loads(call.kwargs["value"])
+    assert call.kwargs["key"] == b"day/2024-01-01/v1"
+    assert snapshot["version"] == 1 and snapshot["metrics"]["orders"] == 7
+    assert snapshot["hash"].startswith("sha256:")
+
+
+async def test_a_late_purchase_after_close_becomes_version_two(app):
+    snaps = AsyncMock(side_effect=delivered)
+    with patch.object(app.kpimon_periods_topic, "send", AsyncMock(side_effect=delivered)), \
+            patch.object(app.kpimon_snapshots_topic, "send", snaps):
+        async with app.kpimon_aggregate_agent.test_context() as agent:
+            await agent.put(partial(0, 1, "2024-01-01", orders=3, active_users=2))
+            await agent.put(progress(0, 1, JAN1 + DAY))
+        async with app.kpimon_restate_agent.test_context() as late:
+            await late.put(orjson.dumps({"event_id": "late-1", "user_id": "u1", "type": "purchase",
+                                         "ts": JAN1 + 5000, "amount": "19.99"}))
+            await asyncio.sleep(1.2)  # the agent takes late events in batches of up to 1 s
+    day = [orjson.loads(c.kwargs["value"]) for c in snaps.await_args_list]
+    day = [s for s in day if s["grain"] == "day"]
+    assert [s["version"] for s in day] == [1, 2]
+    assert day[1]["delta"] == {"orders": 1, "revenue": "+19.99"}
+    assert day[0]["metrics"]["orders"] == 3 and day[1]["metrics"]["orders"] == 4
 
 
 async def test_redelivered_partials_and_progress_change_nothing(app):
     sent = AsyncMock(side_effect=delivered)
-    with patch.object(app.kpimon_periods_topic, "send", sent):
+    with patch.object(app.kpimon_periods_topic, "send", sent), \
+            patch.object(app.kpimon_snapshots_topic, "send", AsyncMock(side_effect=delivered)):
         async with app.kpimon_aggregate_agent.test_context() as agent:
             for _ in range(2):
                 await agent.put(partial(0, 1, "2024-01-01", orders=3, active_users=2))

@@ -20,8 +20,22 @@ def month(orders: int = 3, revenue: int = 5997) -> PeriodMetrics:
     return m
 
 
+class Committing(Book):
+    """Publishes instantly: every call commits (the worker commits after publishing)."""
+
+    def on_closed(self, *args):
+        out = super().on_closed(*args)
+        self.commit()
+        return out
+
+    def on_late(self, events):
+        out = super().on_late(events)
+        self.commit()
+        return out
+
+
 def book() -> Book:
-    return Book({}, {}, calendar=Calendar("UTC"), warning_state="sleeping", decimals=2, config_version=CFG)
+    return Committing({}, {}, calendar=Calendar("UTC"), warning_state="sleeping", decimals=2, config_version=CFG)
 
 
 def event(eid: str, typ: str, ts: int, amount: str | None = None):
@@ -75,9 +89,21 @@ def test_previous_period_is_available_to_formulas():
         seen[label] = prev
         return [], []
 
-    b = Book({}, {}, calendar=Calendar("UTC"), warning_state="sleeping", decimals=2, config_version=CFG,
-             evaluate=evaluate)
+    b = Committing({}, {}, calendar=Calendar("UTC"), warning_state="sleeping", decimals=2, config_version=CFG,
+                   evaluate=evaluate)
     b.on_closed("month", "2024-01", JAN1, FEB1, month())
     b.on_closed("month", "2024-02", FEB1, 1_709_251_200_000, month(orders=1))
     assert seen["2024-01"] is None
     assert seen["2024-02"]["orders"] == 3
+
+
+def test_nothing_changes_until_commit():
+    versions: dict = {}
+    b = Book(versions, {}, calendar=Calendar("UTC"), warning_state="sleeping", decimals=2, config_version=CFG)
+    first = b.on_closed("month", "2024-01", JAN1, FEB1, month())
+    assert versions == {}  # a crash before publishing leaves no trace ...
+    b2 = Book(versions, {}, calendar=Calendar("UTC"), warning_state="sleeping", decimals=2, config_version=CFG)
+    again = b2.on_closed("month", "2024-01", JAN1, FEB1, month())
+    assert canonical(again[0]) == canonical(first[0])  # ... so the retry publishes the same bytes
+    b2.commit()
+    assert versions["month/2024-01"]["version"] == 1
