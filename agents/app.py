@@ -40,8 +40,16 @@ def config_version(settings: Any, kpi_spec: Any) -> dict[str, str]:
             "kpis": getattr(kpi_spec, "fingerprint", "") if kpi_spec is not None else ""}
 
 
-def kpi_evaluator(kpi_spec: Any, settings: Any):  # noqa: ANN201 - set when the KPI layer lands
-    return None
+def kpi_evaluator(kpi_spec: Any, settings: Any):  # noqa: ANN201
+    """The ledger's hook: KPI results and owner scores of a closed period."""
+    from agents.core.scorecard import evaluate_period
+
+    calendar = Calendar(settings.timezone)
+
+    def evaluate(grain: str, label: str, start: int, end: int, result: dict, prev: dict | None):  # noqa: ANN202
+        return evaluate_period(kpi_spec, grain, label, start, end, result, prev, calendar)
+
+    return evaluate
 
 
 def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:  # noqa: ANN001
@@ -137,16 +145,14 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
                 aggregator.on_partial(msg)
                 continue
             ready = aggregator.on_progress(msg)
-            snapshots: list[dict] = []
-            for out in ready:
+            for out in ready:  # closed periods (each followed by its snapshot), then the watermark notice
                 if not aggregator.reportable(out):
                     continue
                 key = f"{out.grain}/{out.period}" if isinstance(out, wire.ClosedPeriod) else "watermark"
                 await publish(periods_topic, key, wire.json_encode(out))
                 if isinstance(out, wire.ClosedPeriod):
-                    snapshots.extend(book.on_closed(out.grain, out.period, out.start, out.end,
-                                                    PeriodMetrics.from_wire(out.metrics)))
-            await publish_snapshots(snapshots)
+                    await publish_snapshots(book.on_closed(out.grain, out.period, out.start, out.end,
+                                                           PeriodMetrics.from_wire(out.metrics)))
             book.commit()
             aggregator.mark_published(ready)
 

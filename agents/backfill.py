@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import orjson
 import yaml
 
 from agents.core.metrics import PeriodMetrics
@@ -54,6 +55,8 @@ def worker_settings(settings: Any, *, broker: str, prefix: str, partitions: int,
     data = settings.model_dump(mode="json")
     data["kafka"].update(broker=broker, topic_prefix=prefix, partitions=partitions)
     data["worker"].update(clock=clock, web_port=web_port, session_timeout="3s")
+    path = settings.kpis_path()
+    data["kpis"] = str(path.resolve()) if path is not None else None
     return data
 
 
@@ -127,8 +130,19 @@ class PeriodsReader:
         self._consumer.close()
 
 
+def latest_snapshots(bootstrap: str, topic: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """The latest version of every snapshot on ``kpimon.snapshots``."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for rec in admin.consume_all(bootstrap, topic, timeout_s=1.0):
+        snap = orjson.loads(rec.value)
+        key = (snap["grain"], snap["period"])
+        if key not in out or snap["version"] >= out[key]["version"]:
+            out[key] = snap
+    return out
+
+
 def build_report(closed: Iterable[wire.ClosedPeriod], watermark: wire.GlobalWatermark | None,
-                 settings: Any) -> dict[str, Any]:
+                 settings: Any, snapshots: dict[tuple[str, str], dict[str, Any]] | None = None) -> dict[str, Any]:
     cal = Calendar(settings.timezone)
     decimals = settings.money.decimals
     order = {str(g): i for i, g in enumerate(GRAINS)}
@@ -136,8 +150,14 @@ def build_report(closed: Iterable[wire.ClosedPeriod], watermark: wire.GlobalWate
     for msg in sorted(closed, key=lambda m: (order[m.grain], m.start)):
         metrics = PeriodMetrics.from_wire(msg.metrics).result(settings.lifecycle.warning_state,
                                                                 lambda v: format_money(v, decimals))
-        periods.append({"grain": msg.grain, "period": msg.period, "start": cal.iso(msg.start),
-                        "end": cal.iso(msg.end), "metrics": metrics})
+        entry = {"grain": msg.grain, "period": msg.period, "start": cal.iso(msg.start), "end": cal.iso(msg.end),
+                 "metrics": metrics}
+        snap = (snapshots or {}).get((msg.grain, msg.period))
+        if snap is not None and (snap["kpis"] or snap["owners"]):
+            entry["kpis"] = snap["kpis"]
+            entry["owners"] = snap["owners"]
+            entry["snapshot"] = {"version": snap["version"], "hash": snap["hash"]}
+        periods.append(entry)
     totals = watermark.totals if watermark else {}
     return {
         "events": {k: totals.get(k, 0) for k in ("accepted", "rejected", "duplicates", "late")},
@@ -187,4 +207,5 @@ def run(path: str, settings: Any, *, until: str | None = None, broker: str | Non
             tail = Path(tmp, "worker.log").read_text(errors="replace")[-3000:]
             raise BackfillError(f"{err}\n--- worker log tail ---\n{tail}") from None
         reader.poll(200)
-        return build_report(reader.closed.values(), reader.watermark, settings)
+        return build_report(reader.closed.values(), reader.watermark, settings,
+                            latest_snapshots(bootstrap, topics.snapshots))

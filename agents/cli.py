@@ -39,7 +39,12 @@ def worker(config: Optional[Path] = ConfigOpt,
     from agents.app import create_app
 
     settings = _settings(config)
-    faust_app = create_app(settings)
+    try:
+        kpi_spec = settings.load_kpis()
+    except ConfigError as exc:
+        err.print(f"[red]configuration error[/red]\n{exc}")
+        raise typer.Exit(2) from None
+    faust_app = create_app(settings, kpi_spec=kpi_spec)
     w = faust.Worker(faust_app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     w.execute_from_commandline()
 

@@ -114,6 +114,7 @@ class Settings(_Model):
     kafka: Kafka = Kafka()
     worker: Worker = Worker()
     redis: Redis = Redis()
+    kpis: str | None = None  # path of the KPI spec (config/kpis.yaml format), relative to this file
     source: str = Field("<defaults>", exclude=True)
 
     @field_validator("timezone")
@@ -143,6 +144,26 @@ class Settings(_Model):
         if "other" in value or "unknown" in value:
             raise ValueError("'other' and 'unknown' are reserved")
         return value
+
+    def kpis_path(self) -> Path | None:
+        """The KPI spec's path, resolved against the config file's folder."""
+        if self.kpis is None:
+            return None
+        path = Path(self.kpis)
+        if path.is_absolute():
+            return path
+        base = DEFAULT_PATH.parent if self.source.startswith("<") else Path(self.source).parent
+        return base / path
+
+    def load_kpis(self):  # noqa: ANN201 - config.kpis.KpiSpec | None
+        from config.kpis import load_kpis
+
+        path = self.kpis_path()
+        if path is None:
+            return None
+        if not path.exists():
+            raise ConfigError(f"{self.source}: kpis: no such file {str(path)!r}")
+        return load_kpis(path, channels=self.channels)
 
     def channel_label(self, channel: str | None) -> str:
         if channel is None:

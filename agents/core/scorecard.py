@@ -1,0 +1,21 @@
+"""KPI evaluation of one period for every KPI of its grain, and every owner's score.  Pure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agents.core.kpi import evaluate_kpi, score_owner
+from agents.core.periods import Calendar, Grain, Period
+
+
+def evaluate_period(spec: Any, grain: str, label: str, start: int, end: int, metrics: dict[str, Any],
+                    prev: dict[str, Any] | None, calendar: Calendar, *, now_ms: int | None = None,
+                    closed: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(KPI results, owner scores) as plain dicts, in spec order."""
+    period = Period(Grain(grain), label, start, end)
+    now = end if now_ms is None else now_ms
+    results = {kpi.id: evaluate_kpi(kpi, metrics, prev, period, now, calendar, closed)
+               for kpi in spec.kpis if str(kpi.grain) == str(grain)}
+    owners = [score_owner(owner, results).to_dict() for owner in spec.owners
+              if owner.kpis and all(h.kpi in results for h in owner.kpis)]
+    return [r.to_dict() for r in results.values()], owners
