@@ -24,6 +24,7 @@ from agents.core.metrics import PeriodMetrics
 from agents.core.periods import Calendar
 from agents.exporter import KpimonMetrics, StateCollector, new_registry
 from agents.ingest import IngestService
+from agents.live_kpis import KpiCollector, LiveKpis
 from agents.snapshots import SnapshotStore
 from streams.events import Decoder, Rejected
 from streams import topics as wire
@@ -123,6 +124,10 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
     redis_on = getattr(settings.redis, "enabled", False)
     store = SnapshotStore(settings.redis.url, getattr(settings.redis, "key_prefix", "kpimon:")) if redis_on else None
     app.kpimon_book = book
+    live = LiveKpis(kpi_spec, settings, aggregator, book) if kpi_spec is not None else None
+    app.kpimon_live = live
+    # Only the worker that runs the aggregation (it has seen progress) exports KPI gauges.
+    registry.register(KpiCollector(lambda: live if aggregator.live else None))
     app.kpimon_snapshots_topic = snapshots_topic
 
     async def publish(topic, key: str, value: bytes) -> None:  # noqa: ANN001
@@ -178,6 +183,15 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
     @app.page("/metrics")
     async def metrics_page(web, request):  # noqa: ANN001, ANN202
         return web.bytes(generate_latest(registry), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    @app.page("/api/kpis")
+    async def kpis_page(web, request):  # noqa: ANN001, ANN202
+        if live is None:
+            return web.json({"error": "no KPI spec configured (kpis: in kpimon.yaml)"}, status=404)
+        if not aggregator.live:
+            return web.json({"error": "this worker does not run the aggregation; ask another worker"},
+                            status=503)
+        return web.json(live.evaluate())
 
     @app.page("/healthz")
     async def health(web, request):  # noqa: ANN001, ANN202

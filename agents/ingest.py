@@ -41,6 +41,7 @@ from streams.topics import Topics
 log = logging.getLogger("kpimon.ingest")
 
 RECORD_BYTES = 512 * 1024
+OPEN_EVERY_S = 2.0  # how often a partition's progress carries its open periods (live KPIs)
 _type_of = attrgetter("type")  # split a batch's state-log record above this much input
 
 
@@ -175,6 +176,7 @@ class IngestService:
         self.producer: AIOKafkaProducer | None = None
         self._stopping = asyncio.Event()
         self.tick_s = settings.worker.tick_interval / 1000
+        self._open_sent: dict[int, float] = {}
         self.batches = 0
         self._inflight: asyncio.Future | None = None
         self.fatal: BaseException | None = None  # a failure in a rebalance callback
@@ -306,8 +308,15 @@ class IngestService:
                                closed.metrics.to_wire())
             out.append((f"{period.grain}/{period.label}".encode(), wire.json_encode(msg)))
         tot = engine.totals
+        live = None
+        now = time.monotonic()
+        if now - self._open_sent.get(p, 0.0) >= OPEN_EVERY_S:
+            self._open_sent[p] = now
+            live = [wire.OpenPeriod(str(per.grain), per.label, per.start_ms, per.end_ms, m.to_wire())
+                    for per, m in engine.open_metrics()]
         progress = wire.Progress(p, self.partitions, engine.wm, {
-            "accepted": tot.accepted, "rejected": dict(tot.rejected), "duplicates": tot.duplicates, "late": tot.late})
+            "accepted": tot.accepted, "rejected": dict(tot.rejected), "duplicates": tot.duplicates, "late": tot.late},
+            live)
         out.append((f"progress/{p}".encode(), wire.json_encode(progress)))
         return out, engine.take_transitions()
 

@@ -78,11 +78,20 @@ class Partial(msgspec.Struct, tag="partial", tag_field="kind"):
     metrics: dict[str, Any]
 
 
+class OpenPeriod(msgspec.Struct, array_like=True):
+    grain: str
+    period: str
+    start: int
+    end: int
+    metrics: dict[str, Any]
+
+
 class Progress(msgspec.Struct, tag="progress", tag_field="kind"):
     partition: int
     partitions: int
     watermark: int
     totals: dict[str, Any]
+    open: list[OpenPeriod] | None = None  # the open period of each grain, so far (live KPIs), now and then
 
 
 class ClosedPeriod(msgspec.Struct, tag="closed", tag_field="kind"):

@@ -29,6 +29,7 @@ class Aggregator:
         self.partials = partials  # "grain/label" -> {"meta": [...], "parts": {partition: wire}}
         self.progress = progress  # str(partition) -> {"watermark", "partitions", "totals"}
         self.closed = closed  # "grain/label" -> end_ms (closed keys, never re-emitted)
+        self.live: dict[int, list] = {}  # partition -> its open periods (OpenPeriod), in memory only
 
     def on_partial(self, msg: Partial) -> None:
         key = f"{msg.grain}/{msg.period}"
@@ -51,6 +52,8 @@ class Aggregator:
             return []  # an older message delivered again
         self.progress[str(msg.partition)] = {"watermark": msg.watermark, "partitions": msg.partitions,
                                              "totals": msg.totals}
+        if msg.open is not None:
+            self.live[msg.partition] = msg.open
         wm = self.global_watermark(msg.partitions)
         if wm is None:
             return []
@@ -87,6 +90,23 @@ class Aggregator:
     def reportable(item: ClosedPeriod | GlobalWatermark) -> bool:
         """Periods before any data (all zero) are not published."""
         return not (isinstance(item, ClosedPeriod) and PeriodMetrics.from_wire(item.metrics).is_empty())
+
+    def live_view(self) -> dict[str, tuple[str, int, int, PeriodMetrics]]:
+        """grain -> (label, start, end, metrics so far) of the latest open period, over all partitions.
+
+        Partitions report their open periods every few seconds; a partition whose
+        latest report is for an older period contributes nothing to the newer one.
+        """
+        out: dict[str, tuple[str, int, int, PeriodMetrics]] = {}
+        for periods in self.live.values():
+            for op in periods:
+                cur = out.get(op.grain)
+                m = PeriodMetrics.from_wire(op.metrics)
+                if cur is None or op.start > cur[1]:
+                    out[op.grain] = (op.period, op.start, op.end, m)
+                elif op.start == cur[1]:
+                    out[op.grain] = (op.period, op.start, op.end, cur[3].merge(m))
+        return out
 
     def global_watermark(self, partitions: int) -> int | None:
         marks = []
