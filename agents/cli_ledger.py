@@ -1,0 +1,210 @@
+"""CLI commands on KPIs and the period-close ledger: kpis, snapshots, scorecard, targets."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import urllib.error
+import urllib.request
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from agents.cli import ConfigOpt, _settings, app, err
+from agents.core.periods import Calendar
+from agents.snapshots import list_periods, read_versions
+from streams.events import parse_instant
+
+snapshots_app = typer.Typer(help="The period-close ledger: every version of every closed period.", no_args_is_help=True)
+targets_app = typer.Typer(help="Targets from history.", no_args_is_help=True)
+app.add_typer(snapshots_app, name="snapshots")
+app.add_typer(targets_app, name="targets")
+out = Console()
+
+
+def _redis(settings: Any):  # noqa: ANN202
+    import redis
+
+    return redis.Redis.from_url(settings.redis.url, socket_timeout=5, socket_connect_timeout=5)
+
+
+def _prefix(settings: Any) -> str:
+    return getattr(settings.redis, "key_prefix", "kpimon:")
+
+
+def _grain_of(period: str) -> str:
+    if "-W" in period:
+        return "week"
+    if "-Q" in period:
+        return "quarter"
+    return {4: "year", 7: "month", 10: "day"}.get(len(period), "day")
+
+
+def _latest(settings: Any, grain: str, period: str) -> dict[str, Any]:
+    versions = read_versions(_redis(settings), _prefix(settings), grain, period)
+    if not versions:
+        err.print(f"[red]no snapshot for {grain} {period}[/red] (is the worker's redis.url the same?)")
+        raise typer.Exit(1)
+    return versions[-1]
+
+
+@app.command()
+def kpis(worker: str = typer.Option("http://127.0.0.1:6066", help="URL of the worker running the aggregation."),
+         as_json: bool = typer.Option(False, "--json", help="Print the raw evaluation.")) -> None:
+    """Live scorecard of the open periods (from the worker's /api/kpis)."""
+    try:
+        with urllib.request.urlopen(f"{worker.rstrip('/')}/api/kpis", timeout=10) as resp:
+            data = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        err.print(f"[red]{exc.code}[/red] {exc.read().decode(errors='replace')}")
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        err.print(f"[red]cannot reach {worker}:[/red] {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    table = Table(title=f"KPIs as of {data.get('as_of')}")
+    for col in ("KPI", "period", "actual", "target", "attainment", "expected", "projected", "status"):
+        table.add_column(col)
+    colour = {"on_track": "green", "at_risk": "yellow", "off_track": "red"}
+    for k in data["kpis"]:
+        st = k["status"]
+        table.add_row(k["kpi"], k["period"], str(k["actual"]), str(k["target"]), str(k["attainment"]),
+                      str(k["expected_progress"]), str(k["projected_attainment"]),
+                      f"[{colour.get(st, 'white')}]{st}[/]")
+    out.print(table)
+    owners = Table(title="Owners (projected)")
+    for col in ("owner", "score", "multiplier"):
+        owners.add_column(col)
+    for o in data["owners"]:
+        owners.add_row(o["owner"], str(o["score"]), str(o["multiplier"]))
+    out.print(owners)
+
+
+@snapshots_app.command("list")
+def snapshots_list(grain: Optional[str] = typer.Option(None, help="day, week, month, quarter or year."),
+                   config: Optional[Path] = ConfigOpt) -> None:
+    """Closed periods in the ledger with their latest version."""
+    settings = _settings(config)
+    table = Table()
+    for col in ("grain", "period", "versions"):
+        table.add_column(col)
+    for g, p, v in list_periods(_redis(settings), _prefix(settings), grain):
+        table.add_row(g, p, str(v))
+    out.print(table)
+
+
+@snapshots_app.command("show")
+def snapshots_show(period: str = typer.Argument(..., help="Period label: 2024-03-14, 2024-W11, 2024-03, 2024-Q1, 2024"),
+                   version: Optional[int] = typer.Option(None, help="A version (default: all)."),
+                   config: Optional[Path] = ConfigOpt) -> None:
+    """Every version of one period's snapshot (JSON)."""
+    settings = _settings(config)
+    versions = read_versions(_redis(settings), _prefix(settings), _grain_of(period), period)
+    if version is not None:
+        versions = [v for v in versions if v["version"] == version]
+    if not versions:
+        err.print(f"[red]no snapshot for {period}[/red]")
+        raise typer.Exit(1)
+    sys.stdout.write(json.dumps(versions, indent=2) + "\n")
+
+
+@snapshots_app.command("export")
+def snapshots_export(period: str = typer.Argument(...),
+                     fmt: str = typer.Option("json", "--format", help="json or csv"),
+                     config: Optional[Path] = ConfigOpt) -> None:
+    """The latest version of a period: JSON, or CSV rows of its KPIs and owners' contributions."""
+    settings = _settings(config)
+    snap = _latest(settings, _grain_of(period), period)
+    if fmt == "json":
+        sys.stdout.write(json.dumps(snap, indent=2) + "\n")
+        return
+    if fmt != "csv":
+        err.print("[red]--format must be json or csv[/red]")
+        raise typer.Exit(2)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["period", "version", "hash", "row", "id", "actual", "target", "attainment", "multiplier", "status",
+                "weight", "contribution"])
+    for k in snap["kpis"]:
+        w.writerow([period, snap["version"], snap["hash"], "kpi", k["kpi"], k["actual"], k["target"],
+                    k["attainment"], k["multiplier"], k["status"], "", ""])
+    for o in snap["owners"]:
+        w.writerow([period, snap["version"], snap["hash"], "owner", o["owner"], "", "", o["score"], o["multiplier"],
+                    "", "", ""])
+        for c in o["contributions"]:
+            w.writerow([period, snap["version"], snap["hash"], f"contribution:{o['owner']}", c["kpi"], "", "",
+                        c["attainment"], c["multiplier"], c["status"], c["weight"], c["contribution"]])
+    sys.stdout.write(buf.getvalue())
+
+
+@app.command()
+def scorecard(owner: str = typer.Option(..., help="Owner id from the KPI spec."),
+              period: str = typer.Option(..., help="A closed period, e.g. 2024-03."),
+              config: Optional[Path] = ConfigOpt) -> None:
+    """An owner's KPIs, contributions and bonus multiplier for a closed period (latest version)."""
+    settings = _settings(config)
+    snap = _latest(settings, _grain_of(period), period)
+    score = next((o for o in snap["owners"] if o["owner"] == owner), None)
+    if score is None:
+        err.print(f"[red]owner {owner!r} has no score in {period}[/red]")
+        raise typer.Exit(1)
+    results = {k["kpi"]: k for k in snap["kpis"]}
+    table = Table(title=f"{owner} — {period} (snapshot v{snap['version']}, {snap['hash'][:19]}…)")
+    for col in ("KPI", "kind", "weight", "actual", "target", "attainment", "multiplier", "contribution"):
+        table.add_column(col)
+    for c in score["contributions"]:
+        r = results.get(c["kpi"], {})
+        table.add_row(c["kpi"], c["kind"], c["weight"], str(r.get("actual")), str(r.get("target")),
+                      str(c["attainment"]), str(c["multiplier"]), c["contribution"])
+    out.print(table)
+    out.print(f"score [bold]{score['score']}[/bold]   bonus multiplier [bold]{score['multiplier']}[/bold]")
+
+
+@targets_app.command("suggest")
+def targets_suggest(kpi: str = typer.Option(..., help="KPI id."),
+                    periods: int = typer.Option(3, "--periods", "-n", help="How many closed periods to average."),
+                    haircut: float = typer.Option(0.10, help="Taken off the mean (added for lower-is-better)."),
+                    seasonal: Optional[str] = typer.Option(None, help="Seasonal reference: scale by this period's "
+                                                                      "actual over the mean."),
+                    config: Optional[Path] = ConfigOpt) -> None:
+    """Propose the next period's target from closed snapshots, as YAML to paste into the KPI spec."""
+    from agents.core.kpi import suggest_target
+
+    settings = _settings(config)
+    spec = settings.load_kpis()
+    if spec is None:
+        err.print("[red]no KPI spec configured (kpis: in kpimon.yaml)[/red]")
+        raise typer.Exit(2)
+    k = spec.kpi(kpi)
+    client = _redis(settings)
+    rows: list[tuple[str, int, Any]] = []  # (period, end, actual), oldest first
+    for g, p, _ in list_periods(client, _prefix(settings), str(k.grain)):
+        snap = read_versions(client, _prefix(settings), g, p)[-1]
+        row = next((r for r in snap["kpis"] if r["kpi"] == kpi), None)
+        if row is not None and row["actual"] is not None:
+            rows.append((p, snap["end"], row["actual"]))
+    if not rows:
+        err.print(f"[red]no closed {k.grain} snapshot has a value for {kpi}[/red]")
+        raise typer.Exit(1)
+    ratio = None
+    if seasonal is not None:
+        labels = [p for p, _, _ in rows]
+        if seasonal not in labels or labels.index(seasonal) == 0:
+            err.print(f"[red]seasonal reference {seasonal} needs closed periods before it[/red]")
+            raise typer.Exit(1)
+        i = labels.index(seasonal)
+        base = [Fraction(str(a)) for _, _, a in rows[max(0, i - periods):i]]
+        ratio = Fraction(str(rows[i][2])) / (sum(base) / len(base))
+    cal = Calendar(settings.timezone)
+    following = cal.period_at(parse_instant(rows[-1][1]), str(k.grain)).label
+    suggestion = suggest_target([a for _, _, a in rows], n=periods, haircut=str(haircut), seasonal_reference=ratio,
+                                direction=str(k.direction), kpi_id=kpi, label=following)
+    sys.stdout.write(suggestion.yaml + ("" if suggestion.yaml.endswith("\n") else "\n"))
