@@ -37,6 +37,14 @@ WINDOWS = (DAY, 7 * DAY, 30 * DAY)
 WINDOW_NAMES = ("1d", "7d", "30d")
 
 ACCEPTED, DUPLICATE, LATE = 0, 1, 2
+
+# A user's state is one int: bits 0-41 the last activity (epoch ms, until 2109), bit 42
+# "first signup applied", bits 43+ the minute of the last purchase + 1 (0: never).
+# Period starts are whole minutes, so a purchase minute compares exactly with them.
+LAST = (1 << 42) - 1
+SIGNED = 1 << 42
+PURCHASE_SHIFT = 43
+MINUTE = 60_000
 _order = attrgetter("ts", "event_id")
 
 
@@ -97,12 +105,10 @@ class PartitionEngine:
         self._dedup_ts: deque[int] = deque()  # the same, for expiry
         self._dedup_ids: deque[str] = deque()
         # Per-user state, kept small (docs/performance.md): every user is in exactly one
-        # zone, zones[k]: user_id -> last activity instant, in order of last activity
+        # zone, zones[k]: user_id -> one packed int (see LAST), in order of last activity
         # (plain dicts keep insertion order; deletions leave holes that _compact removes).
         self.zones: list[dict[str, int]] = [{} for _ in self.ladder.bounds]
         self._holes: list[int] = [0] * len(self.ladder.bounds)
-        self.signed: set[str] = set()  # users whose first signup was applied
-        self.last_purchase: dict[str, int] = {}  # only users who ever purchased
         self.totals = Totals()
         self.outbox: list[Closed] = []
         # (from_state, to_state) -> count, drained by the exporter.
@@ -220,11 +226,11 @@ class PartitionEngine:
             del buf[:i]
 
     def _find(self, uid: str) -> tuple[int, int | None]:
-        """(zone, last activity) of a user; (-1, None) if unknown.  Zone 0 is tried first."""
+        """(zone, packed state) of a user; (-1, None) if unknown.  Zone 0 is tried first."""
         for k, zone in enumerate(self.zones):
-            a = zone.get(uid)
-            if a is not None:
-                return k, a
+            v = zone.get(uid)
+            if v is not None:
+                return k, v
         return -1, None
 
     def _enter(self, frm: int, to: int, n: int = 1) -> None:
@@ -245,41 +251,45 @@ class PartitionEngine:
         day = accs[0]
         zones = self.zones
         z0 = zones[0]
-        a = z0.get(uid)
+        v = z0.get(uid)
         zone = 0
-        if a is None:
-            zone, a = self._find(uid)
-        if a is None:
-            z0[uid] = t
+        if v is None:
+            zone, v = self._find(uid)
+        if v is None:
+            v = z0[uid] = t
             for acc in accs:
                 acc.active_users += 1
-        elif t > a:
-            bounds = self.ladder.bounds
-            # Entries due after the last scan but before this activity (zone 0 users too).
-            if zone or (len(bounds) > 1 and a + bounds[1] < t):
-                self._comeback(zone, a, t, day)
-            del zones[zone][uid]  # re-inserted at the end: zones stay ordered by last activity
-            self._holes[zone] += 1
-            z0[uid] = t
-            if a < periods[0].start_ms:  # first activity today; ISO weeks straddle months
-                for g, acc in enumerate(accs):
-                    if a < periods[g].start_ms:
-                        acc.active_users += 1
+        else:
+            a = v & LAST
+            if t > a:
+                bounds = self.ladder.bounds
+                # Entries due after the last scan but before this activity (zone 0 users too).
+                if zone or (len(bounds) > 1 and a + bounds[1] < t):
+                    self._comeback(zone, a, t, day)
+                del zones[zone][uid]  # re-inserted at the end: zones stay ordered by last activity
+                self._holes[zone] += 1
+                v = z0[uid] = v - a + t
+                if a < periods[0].start_ms:  # first activity today; ISO weeks straddle months
+                    for g, acc in enumerate(accs):
+                        if a < periods[g].start_ms:
+                            acc.active_users += 1
+        # The user is in zone 0 now, with state v.
         code = ev.code
         first_signup = False
         if code == PURCHASE:
             day.orders += 1
             day.revenue += ev.amount
-            lp = self.last_purchase.get(uid, NEVER)
+            lpm = v >> PURCHASE_SHIFT
+            lp = (lpm - 1) * MINUTE if lpm else NEVER
             if lp < periods[0].start_ms:
                 for g, acc in enumerate(accs):
                     if lp < periods[g].start_ms:
                         acc.paying_users += 1
-            self.last_purchase[uid] = t
+            z0[uid] = (v & (SIGNED | LAST)) | ((t // MINUTE + 1) << PURCHASE_SHIFT)
         elif code == SIGNUP:
-            if uid not in self.signed:
+            if not v & SIGNED:
                 first_signup = True
-                self.signed.add(uid)
+                z0[uid] = v | SIGNED
                 day.new_users += 1
                 ch = self.cfg.channel_label(ev.channel)
                 day.new_users_by_channel[ch] = day.new_users_by_channel.get(ch, 0) + 1
@@ -345,20 +355,20 @@ class PartitionEngine:
             cutoff = limit - bounds[k]  # users whose last activity is before it move
             moving = []
             for item in src.items():
-                if item[1] >= cutoff:
+                if (item[1] & LAST) >= cutoff:
                     break
                 moving.append(item)
             if moving:
-                for uid, a in moving:
+                for uid, v in moving:
                     del src[uid]
-                    dst[uid] = a
+                    dst[uid] = v
                 self._holes[k - 1] += len(moving)
                 if self.track_users and states[k] != states[k - 1]:
                     touched = self.touched
-                    for uid, a in moving:
+                    for uid, v in moving:
                         rec = touched.get(uid)
                         if rec is None:
-                            touched[uid] = [a, k, None, None, 0]
+                            touched[uid] = [v & LAST, k, None, None, 0]
                         else:
                             rec[1] = k
                 if states[k] != states[k - 1]:
@@ -409,8 +419,9 @@ class PartitionEngine:
         """Every user's (zone, last activity, signed up, last purchase); for tests and tools."""
         out = {}
         for k, zone in enumerate(self.zones):
-            for uid, a in zone.items():
-                out[uid] = (k, a, uid in self.signed, self.last_purchase.get(uid))
+            for uid, v in zone.items():
+                lpm = v >> PURCHASE_SHIFT
+                out[uid] = (k, v & LAST, bool(v & SIGNED), (lpm - 1) * MINUTE if lpm else None)
         return out
 
     def take_touched(self) -> dict[str, list]:
