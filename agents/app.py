@@ -197,4 +197,7 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
     async def health(web, request):  # noqa: ANN001, ANN202
         return web.json({"partitions": sorted(ingest.engines), "batches": ingest.batches})
 
+    from agents.api import register_api
+
+    register_api(app, ingest, settings)  # /api/users/{id}, /api/at-risk (bearer token)
     return app

@@ -55,6 +55,7 @@ def worker_settings(settings: Any, *, broker: str, prefix: str, partitions: int,
     data = settings.model_dump(mode="json")
     data["kafka"].update(broker=broker, topic_prefix=prefix, partitions=partitions)
     data["worker"].update(clock=clock, web_port=web_port, session_timeout="3s")
+    data["redis"]["enabled"] = False  # a backfill writes only its report, never the serving layer
     path = settings.kpis_path()
     data["kpis"] = str(path.resolve()) if path is not None else None
     return data

@@ -144,10 +144,84 @@ def demo(config: Optional[Path] = ConfigOpt,
     run_demo(settings, duration=duration, rate=rate, users=users, web_port=web_port, console=err)
 
 
+from agents import cli_ledger  # noqa: E402,F401 - registers kpis, snapshots, scorecard, targets
+
+
+users_app = typer.Typer(no_args_is_help=True, help="Per-user serving layer in Redis (lifecycle state, at-risk lists).")
+
+
+@users_app.command("at-risk")
+def users_at_risk(state: str = typer.Option(..., "--state", help="active, silent, sleeping, churned or dead."),
+                  fmt: str = typer.Option("csv", "--format", help="csv or json."),
+                  limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many users."),
+                  config: Optional[Path] = ConfigOpt) -> None:
+    """Export the users in a lifecycle state for outreach, longest inactive first (reads Redis)."""
+    import asyncio
+
+    from agents import serving
+    from agents.core.lifecycle import STATES
+    from agents.core.periods import Calendar
+
+    settings = _settings(config)
+    if state not in STATES or fmt not in ("csv", "json"):
+        err.print(f"[red]--state must be one of {', '.join(STATES)}; --format csv or json[/red]")
+        raise typer.Exit(2)
+
+    async def run() -> int:
+        client = serving.connect(settings.redis.url)
+        try:
+            return await serving.export_at_risk(client, settings.redis.key_prefix, state, fmt,
+                                                Calendar(settings.timezone), sys.stdout.write, limit)
+        finally:
+            await client.aclose()
+
+    try:
+        n = asyncio.run(run())
+    except serving.redis_errors() as exc:
+        err.print(f"[red]serving layer unavailable at {settings.redis.url}:[/red] {exc}")
+        raise typer.Exit(1) from None
+    err.print(f"{n} users in state {state}")
+
+
+@users_app.command("get")
+def users_get(user_id: str = typer.Argument(..., help="The user_id."), config: Optional[Path] = ConfigOpt) -> None:
+    """One user's serving state as JSON (reads Redis)."""
+    import asyncio
+
+    from agents import serving
+    from agents.core.periods import Calendar
+
+    settings = _settings(config)
+
+    async def run() -> Optional[dict]:
+        client = serving.connect(settings.redis.url)
+        try:
+            return await serving.get_user(client, settings.redis.key_prefix, user_id)
+        finally:
+            await client.aclose()
+
+    try:
+        user = asyncio.run(run())
+    except serving.redis_errors() as exc:
+        err.print(f"[red]serving layer unavailable at {settings.redis.url}:[/red] {exc}")
+        raise typer.Exit(1) from None
+    if user is None:
+        err.print(f"unknown user {user_id!r}")
+        raise typer.Exit(1)
+    sys.stdout.write(json.dumps(serving.present(user, Calendar(settings.timezone)), indent=2) + "\n")
+
+
+app.add_typer(users_app, name="users")
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("KPIMON_LOGLEVEL", "WARNING"))
     app()
 
 
 if __name__ == "__main__":
-    main()
+    # Run through the importable module so that sub-commands registered on
+    # ``agents.cli.app`` by other modules (agents.cli_ledger) are present.
+    from agents.cli import main as _main
+
+    _main()

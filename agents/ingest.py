@@ -159,12 +159,20 @@ class _Listener(ConsumerRebalanceListener):
 class IngestService:
     """Owns the consumer, the producer and one engine per assigned partition."""
 
-    def __init__(self, settings: Any, metrics: KpimonMetrics | None = None) -> None:
+    def __init__(self, settings: Any, metrics: KpimonMetrics | None = None, serving: Any = None) -> None:
         self.settings = settings
         self.topics = Topics(settings.kafka.topic_prefix, settings.worker.app_id)
         self.cfg = EngineConfig.from_settings(settings)
         self.decoder = Decoder(settings.money.decimals)
         self.metrics = metrics
+        # The serving layer in Redis (agents/serving.py): fed after each state-log record is acknowledged.
+        if serving is None and getattr(settings.redis, "enabled", False):
+            from agents.serving import ServingWriter
+
+            serving = ServingWriter(settings, metrics.registry if metrics is not None else None)
+        self.serving = serving or None
+        if self.serving is not None:
+            self.serving.bind(self)
         self.live = settings.worker.clock == "live"
         self.engines: dict[int, PartitionEngine] = {}
         self.offsets: dict[int, int | None] = {}  # next source offset per owned partition
@@ -208,6 +216,8 @@ class IngestService:
                 await self.settle()
             except Exception:  # noqa: BLE001 - stopping anyway; the state log is the truth
                 log.exception("writes in flight failed while stopping")
+            if self.serving is not None:
+                await self.serving.stop()  # what it cannot write, the partitions' next owner rewrites
             if self.consumer is not None:
                 await self.consumer.stop()
             if self.producer is not None:
@@ -254,6 +264,8 @@ class IngestService:
         clock = now if self.live else None
         self.decoder.max_ts = now + self.settings.max_future
         results: list[tuple[int, Batch]] = []
+        # (partition, start, end, users changed) per record, for the serving layer
+        serving: list[tuple[int, int, int, dict]] | None = [] if self.serving is not None else None
         offsets = self.offsets
         for tp, msgs in batch.items():
             p = tp.partition
@@ -274,6 +286,8 @@ class IngestService:
                 out, pos = process_messages(engine, self.decoder, msgs, pos, start, clock, self.settings.channel_label)
                 start = offsets[p] = out.record.end
                 results.append((p, out))
+                if serving is not None:
+                    serving.append((p, out.record.start, out.record.end, engine.take_touched()))
         if self.live and time.monotonic() - self._last_tick >= self.tick_s:
             self._last_tick = time.monotonic()
             busy = {tp.partition for tp in batch}
@@ -283,12 +297,14 @@ class IngestService:
                     engine.advance(clock=clock)
                     tick = statelog.Record(off, off, clock, None, [], {}, 0, 0, self.cfg.fingerprint)
                     results.append((p, Batch(tick, [], [], Tally())))
+                    if serving is not None:
+                        serving.append((p, off, off, engine.take_touched()))
         if not results:
             return await self.settle()
         touched = dict.fromkeys(p for p, _ in results)
         derived = {p: self._derived(p) for p in touched}
         commit = await self.settle()
-        self._inflight = asyncio.ensure_future(self._write(results, derived))
+        self._inflight = asyncio.ensure_future(self._write(results, derived, serving))
         return commit
 
     async def settle(self) -> dict[TopicPartition, int]:
@@ -327,7 +343,8 @@ class IngestService:
         if futures:
             await asyncio.gather(*futures)
 
-    async def _write(self, results: list[tuple[int, Batch]], derived: dict[int, tuple]) -> dict[TopicPartition, int]:
+    async def _write(self, results: list[tuple[int, Batch]], derived: dict[int, tuple],
+                     serving: list[tuple[int, int, int, dict]] | None = None) -> dict[TopicPartition, int]:
         t = self.topics
         side = []
         for p, out in results:
@@ -346,6 +363,10 @@ class IngestService:
         await self._send_all(side)
         await self._send_all([(t.state_log, {"value": statelog.encode(out.record), "partition": p})
                               for p, out in results])
+        if serving and self.serving is not None:
+            # The records are durable: queue their users for Redis (never waits for it).
+            for p, start, end, touched in serving:
+                self.serving.submit(p, start, end, touched)
         # The inputs are durable: publish what they produced.
         if self.metrics is not None:
             for _, out in results:
@@ -373,16 +394,28 @@ class IngestService:
 
     async def recover(self, partitions: list[int]) -> None:
         """Rebuild the engines of newly assigned partitions from the state log."""
+        if self.serving is not None:
+            self.serving.retain([*partitions, *self.engines])  # forget partitions another worker now owns
         if not partitions:
             return
         async with self._lock:
             started = time.monotonic()
             replayers = {p: statelog.Replayer(PartitionEngine(self.cfg), p) for p in partitions}
             last_outbox: dict[int, list] = {p: [] for p in partitions}
+            # Serving layer: track the users changed past the offset Redis reflects (agents/serving.py).
+            serving = None
+            if self.serving is not None:
+                from agents.serving import Recovery
+
+                serving = await Recovery.begin(self.serving, partitions)
             async for p, record in self._read_state_log(partitions):
                 rp = replayers[p]
+                if serving is not None:
+                    serving.before(p, record, rp.engine)
                 if rp.feed(record):
                     last_outbox[p] = rp.engine.take_outbox()
+                    if serving is not None:
+                        serving.applied(p, record)
             assert self.consumer is not None
             for p, rp in replayers.items():
                 engine = rp.engine
@@ -398,6 +431,8 @@ class IngestService:
                 else:
                     self.consumer.seek(tp, rp.offset)
                     self.offsets[p] = rp.offset
+                if serving is not None:
+                    serving.finish(p, engine, self.offsets[p])
                 if rp.applied:
                     msgs, _ = self._derived(p)
                     await self._send_all([(self.topics.partials, {"key": k, "value": v, "partition": 0})

@@ -7,7 +7,8 @@ key and the fault, e.g.::
 
 Connection settings can be overridden from the environment (``KPIMON_BROKER``,
 ``KPIMON_REDIS_URL``, ``KPIMON_WEB_HOST``, ``KPIMON_WEB_PORT``,
-``KPIMON_TOPIC_PREFIX``); secrets never live in the file.
+``KPIMON_TOPIC_PREFIX``); secrets never live in the file: the API token comes
+only from ``KPIMON_API_TOKEN`` and is excluded from dumps.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator,
+                      model_validator)
 
 from agents.core.periods import format_duration, parse_duration
 
@@ -99,6 +101,14 @@ class Worker(_Model):
 
 class Redis(_Model):
     url: str = "redis://127.0.0.1:6379/0"
+    enabled: bool = True  # the serving layer (agents/serving.py); false: the worker never talks to Redis
+    key_prefix: str = "kpimon:"  # prepended to every key kpimon writes
+
+
+class Api(_Model):
+    """The HTTP API's bearer token: only from ``KPIMON_API_TOKEN``, never from the file, never dumped."""
+
+    token: SecretStr | None = Field(None, exclude=True)
 
 
 class Settings(_Model):
@@ -114,6 +124,7 @@ class Settings(_Model):
     kafka: Kafka = Kafka()
     worker: Worker = Worker()
     redis: Redis = Redis()
+    api: Api = Api()
     kpis: str | None = None  # path of the KPI spec (config/kpis.yaml format), relative to this file
     source: str = Field("<defaults>", exclude=True)
 
@@ -181,6 +192,9 @@ _ENV = {
 }
 
 
+API_TOKEN_ENV = "KPIMON_API_TOKEN"  # bearer token of the per-user HTTP endpoints (agents/api.py)
+
+
 def _format_error(source: str, err: ValidationError) -> str:
     lines = []
     for item in err.errors():
@@ -197,27 +211,40 @@ def from_mapping(data: dict[str, Any], source: str = "<mapping>", env: dict[str,
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: <root>: expected a mapping of keys, got {type(data).__name__}")
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    if isinstance(merged.get("api"), dict) and "token" in merged["api"]:
+        raise ConfigError(f"{source}: api.token: secrets never live in the file; set {API_TOKEN_ENV} instead")
+    environ = os.environ if env is None else env
     for var, (section, key) in _ENV.items():
-        value = (os.environ if env is None else env).get(var)
+        value = environ.get(var)
         if value:
             merged.setdefault(section, {})
             if isinstance(merged[section], dict):
                 merged[section][key] = value
+    token = environ.get(API_TOKEN_ENV)
+    if token:
+        merged.setdefault("api", {})
+        if isinstance(merged["api"], dict):
+            merged["api"]["token"] = token
     try:
         return Settings(**merged, source=source)
     except ValidationError as err:
         raise ConfigError(_format_error(source, err)) from None
 
 
-def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
-    """Load and validate a YAML file (default: the packaged ``config/kpimon.yaml``)."""
-    path = Path(path) if path is not None else DEFAULT_PATH
+def read_yaml(path: Path) -> Any:
+    """A YAML file's data (``{}`` when empty); ConfigError naming the file otherwise."""
     try:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return from_mapping(data, str(path), env)
+    return {} if data is None else data
+
+
+def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Load and validate a YAML file (default: the packaged ``config/kpimon.yaml``)."""
+    path = Path(path) if path is not None else DEFAULT_PATH
+    return from_mapping(read_yaml(path), str(path), env)

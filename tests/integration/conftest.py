@@ -27,6 +27,7 @@ class Pipeline:
         data: dict[str, Any] = {
             "kafka": {"broker": f"kafka://{bootstrap}", "topic_prefix": self.prefix, "partitions": partitions},
             "worker": {"clock": "event", "web_port": free_port(), "session_timeout": "3s"},
+            "redis": {"enabled": False},  # tests of the serving layer pass redis={"enabled": True, ...}
         }
         for key, value in overrides.items():
             if isinstance(value, dict):
@@ -49,8 +50,9 @@ class Pipeline:
     def mark(self, until_ms: int) -> None:
         admin.send_watermark(self.bootstrap, self.topics.events, self.partitions, until_ms)
 
-    def start_worker(self):  # noqa: ANN201
-        proc = bf.spawn_worker(self.config_path, os.path.join(self.workdir, f"worker-{len(self.workers)}.log"))
+    def start_worker(self, env: dict[str, str] | None = None):  # noqa: ANN201
+        proc = bf.spawn_worker(self.config_path, os.path.join(self.workdir, f"worker-{len(self.workers)}.log"),
+                               env=env)
         self.workers.append(proc)
         return proc
 
@@ -74,7 +76,8 @@ class Pipeline:
             except bf.BackfillError as err:
                 raise AssertionError(f"{err}\n{self.log()}") from None
             reader.poll(300)
-            return bf.build_report(reader.closed.values(), reader.watermark, self.settings)
+            return bf.build_report(reader.closed.values(), reader.watermark, self.settings,
+                                   bf.latest_snapshots(self.bootstrap, self.topics.snapshots))
         finally:
             reader.close()
 
