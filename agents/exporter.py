@@ -108,23 +108,10 @@ class StateCollector(Collector):
 
     def collect(self):  # noqa: ANN201
         engines = [e for e in self._engines() if e.cursor is not None]
-        users = GaugeMetricFamily("kpimon_lifecycle_users", "Users per lifecycle state as of the watermark", labels=["state"])
-        pop = [0] * len(STATES)
-        for e in engines:
-            for i, n in enumerate(e.population()):
-                pop[i] += n
-        for state, n in zip(STATES, pop):
-            users.add_metric([state], n)
-        yield users
-
-        active = GaugeMetricFamily("kpimon_active_users", "Distinct users active within the rolling window", labels=["window"])
-        win = [0] * len(WINDOW_NAMES)
-        for e in engines:
-            for i, n in enumerate(e.active_in_windows()):
-                win[i] += n
-        for name, n in zip(WINDOW_NAMES, win):
-            active.add_metric([name], n)
-        yield active
+        yield _summed("kpimon_lifecycle_users", "Users per lifecycle state as of the watermark", "state", STATES,
+                      [e.population() for e in engines])
+        yield _summed("kpimon_active_users", "Distinct users active within the rolling window", "window",
+                      WINDOW_NAMES, [e.active_in_windows() for e in engines])
 
         yield self._period_values(engines)
 
@@ -155,6 +142,14 @@ class StateCollector(Collector):
                 v = values[name]
                 fam.add_metric([name, str(grain)], v / self._unit if name in MONEY_METRICS else v)
         return fam
+
+
+def _summed(name: str, doc: str, label: str, values: tuple[str, ...], rows: list[list[int]]) -> GaugeMetricFamily:
+    """One gauge per label value, summed over this worker's partitions."""
+    fam = GaugeMetricFamily(name, doc, labels=[label])
+    for i, value in enumerate(values):
+        fam.add_metric([value], sum(row[i] for row in rows))
+    return fam
 
 
 def new_registry() -> CollectorRegistry:

@@ -8,6 +8,7 @@ Writes are idempotent (HSET of the same bytes), so a repeated publication is har
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -21,7 +22,12 @@ def _key(prefix: str, grain: str, period: str) -> str:
 
 
 class SnapshotStore:
-    """Writes snapshots to Redis; keeps the ones it could not write and retries them."""
+    """Writes snapshots to Redis in the background, so the ledger agent never waits on Redis.
+
+    While Redis is unavailable the snapshots wait in memory (a few per closed
+    period) and are retried with back-off; the topic ``kpimon.snapshots`` has them
+    meanwhile.
+    """
 
     def __init__(self, url: str, prefix: str) -> None:
         import redis.asyncio as aioredis
@@ -29,21 +35,37 @@ class SnapshotStore:
         self.redis = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         self.prefix = prefix
         self.backlog: list[tuple[dict[str, Any], bytes, float]] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
 
     async def put(self, snapshot: dict[str, Any], raw: bytes, start_s: float) -> None:
         self.backlog.append((snapshot, raw, start_s))
-        pending, self.backlog = self.backlog, []
-        for i, (snap, data, score) in enumerate(pending):
-            try:
-                pipe = self.redis.pipeline(transaction=True)
-                pipe.hset(_key(self.prefix, snap["grain"], snap["period"]), str(snap["version"]), data)
-                pipe.zadd(f"{self.prefix}snapshots", {f"{snap['grain']}:{snap['period']}": score})
-                await pipe.execute()
-            except Exception as err:  # noqa: BLE001 - Redis down: keep and retry on the next put
-                log.warning("snapshot store unavailable (%s); %d snapshot(s) kept for retry", err,
-                            len(pending) - i)
-                self.backlog = pending[i:]
-                return
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._task = asyncio.ensure_future(self._flush_forever())
+        assert self._wake is not None
+        self._wake.set()
+
+    async def _flush_forever(self) -> None:
+        assert self._wake is not None
+        delay = 0.5
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.backlog:
+                snap, data, score = self.backlog[0]
+                try:
+                    pipe = self.redis.pipeline(transaction=True)
+                    pipe.hset(_key(self.prefix, snap["grain"], snap["period"]), str(snap["version"]), data)
+                    pipe.zadd(f"{self.prefix}snapshots", {f"{snap['grain']}:{snap['period']}": score})
+                    await pipe.execute()
+                except Exception as err:  # noqa: BLE001 - Redis down: keep and retry
+                    log.warning("snapshot store unavailable (%s); %d snapshot(s) waiting", err, len(self.backlog))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                delay = 0.5
+                self.backlog.pop(0)
 
 
 def read_versions(client, prefix: str, grain: str, period: str) -> list[dict[str, Any]]:  # noqa: ANN001

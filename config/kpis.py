@@ -24,13 +24,12 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agents.core.formula import PREV, FormulaError, parse_formula
 from agents.core.kpi import CHANNEL_SPLIT, DEFAULT_CURVE, metric_name_problem
 from agents.core.periods import Calendar, Grain
-from config.settings import ConfigError
+from config.settings import ConfigError, read_yaml
 
 __all__ = [
     "DEFAULT_KPIS_PATH",
@@ -589,12 +588,4 @@ def from_mapping(data: Any, source: str = "<mapping>", channels: tuple[str, ...]
 def load_kpis(path: str | Path | None = None, channels: tuple[str, ...] | list[str] | None = None) -> KpiSpec:
     """Load and validate a KPI spec (default: the packaged ``config/kpis.yaml``)."""
     path = Path(path) if path is not None else DEFAULT_KPIS_PATH
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return from_mapping(data if data is not None else {}, str(path), channels)
+    return from_mapping(read_yaml(path), str(path), channels)

@@ -20,7 +20,8 @@ JAN1 = 1_704_067_200_000
 
 @pytest.fixture
 def app():
-    settings = from_mapping({"kafka": {"topic_prefix": "agenttest."}, "worker": {"web_port": 16066}}, "<test>", env={})
+    settings = from_mapping({"kafka": {"topic_prefix": "agenttest."}, "redis": {"enabled": False},
+                             "worker": {"web_port": 16066}}, "<test>", env={})
     app = create_app(settings)
     app.finalize()
     app.conf.store = "memory://"

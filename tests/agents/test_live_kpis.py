@@ -25,8 +25,8 @@ def delivered(**kwargs):
 
 @pytest.fixture
 def app():
-    settings = from_mapping({"kafka": {"topic_prefix": "livetest."}, "worker": {"web_port": 16067, "clock": "event"},
-                             "kpis": "kpis.yaml"}, "<test>", env={})
+    settings = from_mapping({"kafka": {"topic_prefix": "livetest."}, "redis": {"enabled": False},
+                             "worker": {"web_port": 16067, "clock": "event"}, "kpis": "kpis.yaml"}, "<test>", env={})
     app = create_app(settings, kpi_spec=settings.load_kpis())
     app.finalize()
     app.flow_control.resume()
