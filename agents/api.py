@@ -5,8 +5,11 @@
 * ``GET /api/at-risk?state=sleeping&limit=100&offset=0``: the users in a state,
   longest inactive first (``limit`` 1..10000, default 100; ``format=json``, or
   ``format=csv`` for the same columns as ``kpimon users at-risk``).
+* ``GET /api/snapshots/{grain}/{period}``: every version of a closed period's
+  snapshot, oldest first (the ledger, docs/kpis.md).  Snapshots hold people's
+  scores and bonus multipliers, so they are guarded like the per-user data.
 
-Both carry personal data, so both require ``Authorization: Bearer <token>``
+All carry personal data, so all require ``Authorization: Bearer <token>``
 with the token from the environment variable ``KPIMON_API_TOKEN`` (compared in
 constant time).  Without the variable they answer 503 instead of serving
 unauthenticated; a missing or wrong token gets 401.  Other answers: 400 for bad
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+
+import orjson
 from typing import Any
 
 from agents import serving
@@ -99,6 +104,22 @@ class ServingApi:
                      "users": [serving.present(u, self.calendar) for u in users]}, "json", {}
 
 
+    async def snapshots(self, authorization: str | None, grain: str, period: str) -> tuple[int, Any, str, dict]:
+        denied = self._deny(authorization)
+        if denied is not None:
+            return denied
+        if grain not in ("day", "week", "month", "quarter", "year"):
+            return 400, {"error": "grain must be day, week, month, quarter or year"}, "json", {}
+        try:
+            raw = await self.client.hgetall(f"{self.prefix}snapshot:{grain}:{period}")
+        except serving.redis_errors() as err:
+            return 503, {"error": f"ledger store unavailable: {type(err).__name__}"}, "json", {}
+        if not raw:
+            return 404, {"error": f"no snapshot for {grain} {period}"}, "json", {}
+        versions = [orjson.loads(raw[k]) for k in sorted(raw, key=lambda v: int(v))]
+        return 200, {"grain": grain, "period": period, "versions": versions}, "json", {}
+
+
 def register_api(app: Any, ingest: Any, settings: Any) -> ServingApi:  # noqa: ARG001 - ingest: for later use
     """Add ``/api/users/{user_id}`` and ``/api/at-risk`` to a faust app (call before the app starts)."""
     api = ServingApi(settings)
@@ -117,6 +138,10 @@ def register_api(app: Any, ingest: Any, settings: Any) -> ServingApi:  # noqa: A
     @app.page("/api/at-risk", name="kpimon_api_at_risk")
     async def at_risk_page(web, request):  # noqa: ANN001, ANN202
         return reply(web, *(await api.at_risk(request.headers.get("Authorization"), request.query)))
+
+    @app.page("/api/snapshots/{grain}/{period}", name="kpimon_api_snapshots")
+    async def snapshots_page(web, request, grain, period):  # noqa: ANN001, ANN202
+        return reply(web, *(await api.snapshots(request.headers.get("Authorization"), grain, period)))
 
     app.kpimon_api = api
     return api

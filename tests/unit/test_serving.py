@@ -449,3 +449,19 @@ def test_the_token_comes_only_from_the_environment_and_is_never_dumped(tmp_path)
         from_mapping({"api": {"token": "x"}}, "f.yaml", env={})
     again = from_mapping(s.model_dump(mode="json"), "<dump>", env={})
     assert again.api.token is None and again.redis.enabled and again.redis.key_prefix == "kpimon:"
+
+
+async def test_snapshot_versions_are_served_behind_the_token(redis_server, client):
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    s = from_mapping({"redis": {"url": redis_server.url, "key_prefix": prefix}}, "<test>",
+                     env={"KPIMON_API_TOKEN": "s3cret-token"})
+    v1 = {"grain": "month", "period": "2024-02", "version": 1, "metrics": {"orders": 3}}
+    v2 = {**v1, "version": 2, "metrics": {"orders": 4}, "delta": {"orders": 1}}
+    await client.hset(f"{prefix}snapshot:month:2024-02", mapping={"2": orjson.dumps(v2), "1": orjson.dumps(v1)})
+    api = ServingApi(s, client)
+    assert (await api.snapshots(None, "month", "2024-02"))[0] == 401
+    status, body, _, _ = await api.snapshots("Bearer s3cret-token", "month", "2024-02")
+    assert status == 200
+    assert [v["version"] for v in body["versions"]] == [1, 2]  # oldest first, every version
+    assert (await api.snapshots("Bearer s3cret-token", "month", "2024-03"))[0] == 404
+    assert (await api.snapshots("Bearer s3cret-token", "fortnight", "2024-03"))[0] == 400
