@@ -80,6 +80,7 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_max_request_size=16 * 1024 * 1024,
         web_in_thread=False,
+        web_tables_enabled=False,  # faust's /table pages would expose late events with user ids
         # faust keeps only small bookkeeping here (tables use the memory store)
         datadir=os.path.join(datadir, "{conf.name}-data"),
     )
@@ -110,7 +111,9 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
     partials_table = app.Table("period-partials", default=None, partitions=1)
     progress_table = app.Table("partition-progress", default=None, partitions=1)
     closed_table = app.Table("closed-periods", default=None, partitions=1)
-    aggregator = Aggregator(partials_table, progress_table, closed_table)
+    # Watermark notices: throttled in live mode (ticks every second), every change with the event clock.
+    aggregator = Aggregator(partials_table, progress_table, closed_table,
+                            notice_every_ms=60_000 if settings.worker.clock == "live" else 0)
     app.kpimon_aggregator = aggregator
     app.kpimon_periods_topic = periods_topic
 
@@ -127,7 +130,7 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
     live = LiveKpis(kpi_spec, settings, aggregator, book) if kpi_spec is not None else None
     app.kpimon_live = live
     # Only the worker that runs the aggregation (it has seen progress) exports KPI gauges.
-    registry.register(KpiCollector(lambda: live if aggregator.live else None))
+    registry.register(KpiCollector(lambda: live if aggregator.live_view() else None))
     app.kpimon_snapshots_topic = snapshots_topic
 
     async def publish(topic, key: str, value: bytes) -> None:  # noqa: ANN001
@@ -156,9 +159,9 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
                 key = f"{out.grain}/{out.period}" if isinstance(out, wire.ClosedPeriod) else "watermark"
                 await publish(periods_topic, key, wire.json_encode(out))
                 if isinstance(out, wire.ClosedPeriod):
-                    await publish_snapshots(book.on_closed(out.grain, out.period, out.start, out.end,
-                                                           PeriodMetrics.from_wire(out.metrics)))
-            book.commit()
+                    tx = book.on_closed(out.grain, out.period, out.start, out.end, PeriodMetrics.from_wire(out.metrics))
+                    await publish_snapshots(tx.snapshots)
+                    book.commit(tx)
             aggregator.mark_published(ready)
 
     late_decoder = Decoder(settings.money.decimals)
@@ -166,15 +169,28 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
     @app.agent(late_topic)
     async def restate(stream):  # noqa: ANN001, ANN202
         """Late events never change a closed period: they become restatements (new versions)."""
-        async for values in stream.take(1000, within=1.0):
+        async for batch in stream.take_events(1000, within=1.0):
             events = []
-            for raw in values:
+            for event in batch:
                 try:
-                    events.append(late_decoder.decode(raw))
+                    ev = late_decoder.decode(event.value)
                 except Rejected:  # cannot happen for records the worker accepted as valid
                     log.warning("undecodable record on the late topic skipped")
-            await publish_snapshots(book.on_late(events))
-            book.commit()
+                    continue
+                if restatable(ev, dict(event.message.headers or ())):
+                    events.append(ev)
+            tx = book.on_late(events)
+            await publish_snapshots(tx.snapshots)
+            book.commit(tx)
+
+    def restatable(ev, headers: dict) -> bool:  # noqa: ANN001
+        """A late event older than the dedup horizon may be a retry of an event counted long ago
+        (its id left the dedup set): it cannot be told apart, so it is not restated."""
+        try:
+            wm = int(headers.get(wire.H_WATERMARK, b""))
+        except ValueError:
+            return False
+        return ev.ts >= wm - settings.dedup_horizon
 
     app.kpimon_restate_agent = restate
 
@@ -188,7 +204,7 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
     async def kpis_page(web, request):  # noqa: ANN001, ANN202
         if live is None:
             return web.json({"error": "no KPI spec configured (kpis: in kpimon.yaml)"}, status=404)
-        if not aggregator.live:
+        if not aggregator.live_view():
             return web.json({"error": "this worker does not run the aggregation; ask another worker"},
                             status=503)
         return web.json(live.evaluate())

@@ -621,7 +621,7 @@ async def rebuild_from_log(writer: ServingWriter, p: int) -> Update:
         n += 1
         if n % 8 == 0:
             await asyncio.sleep(0)  # the live stream keeps going meanwhile
-    add_revenue(revenue, engine.buffer, -1)  # accepted, not yet applied
+    add_revenue(revenue, engine.buffered(), -1)  # accepted, not yet applied
     users = writer._absolute(engine.take_touched(), revenue, fold=False)
     return Update(RESET, rp.offset if rp.offset is not None else 0, users)
 
@@ -669,7 +669,7 @@ class Recovery:
         else:
             start = stored
         revenue = self.revenue[p]
-        add_revenue(revenue, engine.buffer, -1)  # accepted, not yet applied
+        add_revenue(revenue, engine.buffered(), -1)  # accepted, not yet applied
         engine.track_users = True
         self.writer.recovered(p, start, end, engine.take_touched(), revenue)
 

@@ -14,22 +14,27 @@ partial or progress message delivered twice changes nothing.
 
 from __future__ import annotations
 
-from typing import Any, MutableMapping
+import time
+from typing import Any, Callable, MutableMapping
 
 from agents.core.metrics import PeriodMetrics, merge_all
 from streams.topics import ClosedPeriod, GlobalWatermark, Partial, Progress
 
 
-NOTICE_EVERY_MS = 60_000
+LIVE_TTL_S = 30.0  # open-period reports older than this are ignored (the partition moved away)
 
 
 class Aggregator:
     def __init__(self, partials: MutableMapping[str, Any], progress: MutableMapping[str, Any],
-                 closed: MutableMapping[str, Any]) -> None:
+                 closed: MutableMapping[str, Any], notice_every_ms: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.notice_every_ms = notice_every_ms
+        self._clock = clock
         self.partials = partials  # "grain/label" -> {"meta": [...], "parts": {partition: wire}}
         self.progress = progress  # str(partition) -> {"watermark", "partitions", "totals"}
         self.closed = closed  # "grain/label" -> end_ms (closed keys, never re-emitted)
-        self.live: dict[int, list] = {}  # partition -> its open periods (OpenPeriod), in memory only
+        # partition -> (received at, its open periods), in memory only: live KPIs
+        self.live: dict[int, tuple[float, list]] = {}
 
     def on_partial(self, msg: Partial) -> None:
         key = f"{msg.grain}/{msg.period}"
@@ -53,7 +58,7 @@ class Aggregator:
         self.progress[str(msg.partition)] = {"watermark": msg.watermark, "partitions": msg.partitions,
                                              "totals": msg.totals}
         if msg.open is not None:
-            self.live[msg.partition] = msg.open
+            self.live[msg.partition] = (self._clock(), msg.open)
         wm = self.global_watermark(msg.partitions)
         if wm is None:
             return []
@@ -69,9 +74,10 @@ class Aggregator:
             merged = merge_all([PeriodMetrics.from_wire(w) for _, w in sorted(entry["parts"].items())])
             out.append(ClosedPeriod(grain, label, start, end, msg.partitions, merged.to_wire()))
         last = self.progress.get("global") or {"watermark": None}
-        # A watermark notice when periods closed, or when it moved by a minute (live ticks are
-        # every second: publishing each would flood kpimon.periods).
-        if out or last["watermark"] is None or wm - last["watermark"] >= NOTICE_EVERY_MS:
+        # A watermark notice when periods closed or it moved (by notice_every_ms: live ticks come
+        # every second, publishing each would flood kpimon.periods).
+        if out or last["watermark"] is None or (wm > last["watermark"]
+                                                and wm - last["watermark"] >= self.notice_every_ms):
             out.append(GlobalWatermark(wm, msg.partitions, self.totals(msg.partitions)))
         return out
 
@@ -98,7 +104,10 @@ class Aggregator:
         latest report is for an older period contributes nothing to the newer one.
         """
         out: dict[str, tuple[str, int, int, PeriodMetrics]] = {}
-        for periods in self.live.values():
+        fresh = self._clock() - LIVE_TTL_S
+        for received, periods in self.live.values():
+            if received < fresh:
+                continue  # this worker no longer receives that partition's reports
             for op in periods:
                 cur = out.get(op.grain)
                 m = PeriodMetrics.from_wire(op.metrics)

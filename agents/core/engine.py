@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from dataclasses import dataclass, field
-from operator import attrgetter
+from heapq import heappop, heappush
 from typing import Callable
 
 from agents.core.lifecycle import ACTIVE, CHURNED, DEAD, STATES, Ladder, Thresholds
@@ -45,7 +45,6 @@ LAST = (1 << 42) - 1
 SIGNED = 1 << 42
 PURCHASE_SHIFT = 43
 MINUTE = 60_000
-_order = attrgetter("ts", "event_id")
 
 
 @dataclass(frozen=True)
@@ -100,7 +99,9 @@ class PartitionEngine:
         self.max_ts = NEVER
         self.wm = NEVER
         self.cursor: int | None = None  # everything before it has been applied
-        self.buffer: list[Event] = []
+        # The reorder buffer: a heap of (ts, event_id, event), so that releasing what the
+        # watermark passed costs O(log n) per event, however much lateness buffers.
+        self.buffer: list[tuple[int, str, Event]] = []
         self.dedup: dict[str, int] = {}  # event_id -> ts, in arrival order
         self._dedup_ts: deque[int] = deque()  # the same, for expiry
         self._dedup_ids: deque[str] = deque()
@@ -170,7 +171,9 @@ class PartitionEngine:
                 self.cursor = wm
                 self._open_periods(wm)
         self.wm, self.max_ts = wm, max_ts
-        self.buffer.extend(accepted)
+        buf = self.buffer
+        for ev in accepted:
+            heappush(buf, (ev.ts, ev.event_id, ev))
         totals = self.totals
         totals.accepted += len(accepted)
         totals.duplicates += dups
@@ -207,23 +210,18 @@ class PartitionEngine:
 
     def _process_until(self, target: int) -> None:
         buf = self.buffer
-        buf.sort(key=_order)
-        n = len(buf)
-        i = 0
+        apply = self._apply
         cursor = self.cursor
         assert cursor is not None
         while cursor < target:
             boundary = self._periods[0].end_ms
             step_end = boundary if boundary < target else target
-            while i < n and buf[i].ts < step_end:
-                self._apply(buf[i])
-                i += 1
+            while buf and buf[0][0] < step_end:
+                apply(heappop(buf)[2])
             self._age(step_end)
             cursor = self.cursor = step_end
             if step_end == boundary:
                 self._close(boundary)
-        if i:
-            del buf[:i]
 
     def _find(self, uid: str) -> tuple[int, int | None]:
         """(zone, packed state) of a user; (-1, None) if unknown.  Zone 0 is tried first."""
@@ -411,6 +409,10 @@ class PartitionEngine:
         for _, m in out:
             m.population = list(pop)
         return out
+
+    def buffered(self) -> list[Event]:
+        """The accepted events not applied yet (waiting for the watermark), in no particular order."""
+        return [item[2] for item in self.buffer]
 
     def user_count(self) -> int:
         return sum(len(z) for z in self.zones)

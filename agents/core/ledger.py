@@ -99,6 +99,16 @@ def metrics_delta(old: PeriodMetrics, new: PeriodMetrics, decimals: int) -> dict
     return out
 
 
+class Staged:
+    """What one call produced: snapshots to publish, then changes to commit."""
+
+    __slots__ = ("snapshots", "changes")
+
+    def __init__(self) -> None:
+        self.snapshots: list[dict[str, Any]] = []
+        self.changes: list[tuple[Any, str, Any]] = []  # (mapping, key, value or None to delete)
+
+
 class Book:
     """Versions of every closed period, and late events waiting for their period to close.
 
@@ -107,9 +117,10 @@ class Book:
     ``pending``: "grain/label" -> {"events": [encoded Event, ...]} for periods not closed yet.
     ``evaluate(grain, label, start_ms, end_ms, metrics_result, prev_result)`` returns (kpis, owners).
 
-    Changes are staged: the caller publishes the returned snapshots and then calls
-    :meth:`commit`, so a crash in between repeats a version (same bytes) rather than
-    losing it.
+    Each call returns a :class:`Staged` (snapshots + the changes behind them); the
+    caller publishes the snapshots and then calls :meth:`commit` with it, so a crash
+    in between repeats a version (same bytes) rather than losing it.  Calls never
+    share staged changes, so two agents using one book cannot commit each other's.
     """
 
     def __init__(self, versions, pending, *, calendar, warning_state: str, decimals: int,  # noqa: ANN001
@@ -123,81 +134,84 @@ class Book:
         self.evaluate = evaluate
         self._ev_encode = msgspec.msgpack.Encoder().encode
         self._ev_decode = msgspec.msgpack.Decoder(Event).decode
-        self._staged: list[tuple[Any, str, Any]] = []  # (mapping, key, value or None to delete)
 
-    def _get(self, mapping, key: str):  # noqa: ANN001, ANN202 - staged value first
-        for m, k, v in reversed(self._staged):
+    @staticmethod
+    def _get(tx: Staged, mapping, key: str):  # noqa: ANN001, ANN205 - the call's staged value first
+        for m, k, v in reversed(tx.changes):
             if m is mapping and k == key:
                 return v
         return mapping.get(key)
 
-    def _set(self, mapping, key: str, value) -> None:  # noqa: ANN001
-        self._staged.append((mapping, key, value))
+    @staticmethod
+    def _set(tx: Staged, mapping, key: str, value) -> None:  # noqa: ANN001
+        tx.changes.append((mapping, key, value))
 
-    def commit(self) -> None:
-        for mapping, key, value in self._staged:
+    @staticmethod
+    def commit(tx: Staged) -> None:
+        for mapping, key, value in tx.changes:
             if value is None:
                 mapping.pop(key, None)
             else:
                 mapping[key] = value
-        self._staged.clear()
+        tx.changes.clear()
 
     def _money(self, v: int) -> str:
         return format_money(v, self.decimals)
 
-    def _snapshot(self, grain: str, label: str, start: int, end: int, metrics: PeriodMetrics, version: int,
-                  delta: dict | None, late_events: int) -> dict[str, Any]:
+    def _snapshot(self, tx: Staged, grain: str, label: str, start: int, end: int, metrics: PeriodMetrics,
+                  version: int, delta: dict | None, late_events: int) -> dict[str, Any]:
         result = metrics.result(self.warning_state, self._money)
         kpis: list[dict] = []
         owners: list[dict] = []
         if self.evaluate is not None:
-            kpis, owners = self.evaluate(grain, label, start, end, result, self.previous(grain, start))
+            kpis, owners = self.evaluate(grain, label, start, end, result, self.previous(grain, start, tx))
         return build(grain, label, self.cal.iso(start), self.cal.iso(end), result, version=version,
                      config_version=self.config_version, kpis=kpis, owners=owners, delta=delta,
                      late_events=late_events)
 
-    def previous(self, grain: str, start: int) -> dict[str, Any] | None:
+    def previous(self, grain: str, start: int, tx: Staged | None = None) -> dict[str, Any] | None:
         """The result of the closed period of ``grain`` ending where this one starts (for prev.* formulas)."""
         prev = self.cal.period_at(start - 1, grain)
-        entry = self._get(self.versions, f"{grain}/{prev.label}")
+        entry = self._get(tx or Staged(), self.versions, f"{grain}/{prev.label}")
         if entry is None:
             return None
         return PeriodMetrics.from_wire(entry["metrics"]).result(self.warning_state, self._money)
 
-    def on_closed(self, grain: str, label: str, start: int, end: int, metrics: PeriodMetrics) -> list[dict]:
+    def on_closed(self, grain: str, label: str, start: int, end: int, metrics: PeriodMetrics) -> Staged:
         """Version 1 of a newly closed period (plus a restatement for late events already waiting)."""
+        tx = Staged()
         key = f"{grain}/{label}"
-        if self._get(self.versions, key) is not None:
-            return []  # a repeated close: version 1 exists
-        self._set(self.versions, key, {"version": 1, "start": start, "end": end, "metrics": metrics.to_wire(),
-                                       "late": []})
-        out = [self._snapshot(grain, label, start, end, metrics, 1, None, 0)]
-        waiting = self._get(self.pending, key)
+        if self._get(tx, self.versions, key) is not None:
+            return tx  # a repeated close: version 1 exists
+        self._set(tx, self.versions, key, {"version": 1, "start": start, "end": end, "metrics": metrics.to_wire(),
+                                           "late": []})
+        tx.snapshots.append(self._snapshot(tx, grain, label, start, end, metrics, 1, None, 0))
+        waiting = self._get(tx, self.pending, key)
         if waiting:
-            self._set(self.pending, key, None)
-            out.extend(self._restate(key, [self._ev_decode(b) for b in waiting["events"]]))
-        return out
+            self._set(tx, self.pending, key, None)
+            self._restate(tx, key, [self._ev_decode(b) for b in waiting["events"]])
+        return tx
 
-    def on_late(self, events: list[Event]) -> list[dict]:
+    def on_late(self, events: list[Event]) -> Staged:
         """Late events: restate closed periods they fall in, or hold them until their period closes."""
+        tx = Staged()
         by_key: dict[str, list[Event]] = {}
         for ev in events:
             for period in self.cal.periods_at(ev.ts):
                 by_key.setdefault(f"{period.grain}/{period.label}", []).append(ev)
-        out: list[dict] = []
         for key, evs in by_key.items():
-            if self._get(self.versions, key) is not None:
-                out.extend(self._restate(key, evs))
+            if self._get(tx, self.versions, key) is not None:
+                self._restate(tx, key, evs)
             else:
-                entry = self._get(self.pending, key) or {"events": []}
+                entry = self._get(tx, self.pending, key) or {"events": []}
                 known = {self._ev_decode(b).event_id for b in entry["events"]}
                 fresh = [self._ev_encode(e) for e in evs if e.event_id not in known]
                 if fresh:
-                    self._set(self.pending, key, {"events": [*entry["events"], *fresh]})
-        return out
+                    self._set(tx, self.pending, key, {"events": [*entry["events"], *fresh]})
+        return tx
 
-    def _restate(self, key: str, events: list[Event]) -> list[dict]:
-        entry = self._get(self.versions, key)
+    def _restate(self, tx: Staged, key: str, events: list[Event]) -> None:
+        entry = self._get(tx, self.versions, key)
         seen = set(entry["late"])
         fresh = []
         for ev in events:
@@ -206,12 +220,12 @@ class Book:
                 fresh.append(ev)
         late, n = late_delta(fresh, self.decimals)
         if not n:
-            return []
+            return
         base = PeriodMetrics.from_wire(entry["metrics"])
         new = restate(base, late)
         version = entry["version"] + 1
         grain, label = key.split("/", 1)
-        self._set(self.versions, key, {"version": version, "start": entry["start"], "end": entry["end"],
-                                       "metrics": new.to_wire(), "late": sorted(seen)})
-        return [self._snapshot(grain, label, entry["start"], entry["end"], new, version,
-                               metrics_delta(base, new, self.decimals), n)]
+        self._set(tx, self.versions, key, {"version": version, "start": entry["start"], "end": entry["end"],
+                                           "metrics": new.to_wire(), "late": sorted(seen)})
+        tx.snapshots.append(self._snapshot(tx, grain, label, entry["start"], entry["end"], new, version,
+                                           metrics_delta(base, new, self.decimals), n))

@@ -85,8 +85,15 @@ async def test_a_late_purchase_after_close_becomes_version_two(app):
             await agent.put(partial(0, 1, "2024-01-01", orders=3, active_users=2))
             await agent.put(progress(0, 1, JAN1 + DAY))
         async with app.kpimon_restate_agent.test_context() as late:
+            # Refused against a watermark just past the day: within the dedup horizon, so it
+            # cannot be a retry of a counted event, and it is restated.
+            wm = str(JAN1 + DAY + 60_000).encode()
             await late.put(orjson.dumps({"event_id": "late-1", "user_id": "u1", "type": "purchase",
-                                         "ts": JAN1 + 5000, "amount": "19.99"}))
+                                         "ts": JAN1 + 5000, "amount": "19.99"}), headers={"kpimon-watermark": wm})
+            # Refused long after (beyond the 7-day dedup horizon): maybe a retry; not restated.
+            old = str(JAN1 + 30 * DAY).encode()
+            await late.put(orjson.dumps({"event_id": "late-2", "user_id": "u2", "type": "purchase",
+                                         "ts": JAN1 + 6000, "amount": "5.00"}), headers={"kpimon-watermark": old})
             await asyncio.sleep(1.2)  # the agent takes late events in batches of up to 1 s
     day = [orjson.loads(c.kwargs["value"]) for c in snaps.await_args_list]
     day = [s for s in day if s["grain"] == "day"]

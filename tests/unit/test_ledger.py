@@ -24,14 +24,14 @@ class Committing(Book):
     """Publishes instantly: every call commits (the worker commits after publishing)."""
 
     def on_closed(self, *args):
-        out = super().on_closed(*args)
-        self.commit()
-        return out
+        tx = super().on_closed(*args)
+        self.commit(tx)
+        return tx.snapshots
 
     def on_late(self, events):
-        out = super().on_late(events)
-        self.commit()
-        return out
+        tx = super().on_late(events)
+        self.commit(tx)
+        return tx.snapshots
 
 
 def book() -> Book:
@@ -104,6 +104,17 @@ def test_nothing_changes_until_commit():
     assert versions == {}  # a crash before publishing leaves no trace ...
     b2 = Book(versions, {}, calendar=Calendar("UTC"), warning_state="sleeping", decimals=2, config_version=CFG)
     again = b2.on_closed("month", "2024-01", JAN1, FEB1, month())
-    assert canonical(again[0]) == canonical(first[0])  # ... so the retry publishes the same bytes
-    b2.commit()
+    assert canonical(again.snapshots[0]) == canonical(first.snapshots[0])  # ... so the retry publishes the same bytes
+    b2.commit(again)
     assert versions["month/2024-01"]["version"] == 1
+
+
+def test_two_interleaved_calls_commit_only_their_own_changes():
+    versions: dict = {}
+    b = Book(versions, {}, calendar=Calendar("UTC"), warning_state="sleeping", decimals=2, config_version=CFG)
+    jan = b.on_closed("month", "2024-01", JAN1, FEB1, month())
+    feb = b.on_closed("month", "2024-02", FEB1, 1_709_251_200_000, month(orders=1))
+    b.commit(feb)  # the other agent's call, still being published, is not recorded with it
+    assert set(versions) == {"month/2024-02"}
+    b.commit(jan)
+    assert set(versions) == {"month/2024-01", "month/2024-02"}
