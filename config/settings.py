@@ -93,7 +93,7 @@ class Worker(_Model):
     clock: Literal["live", "event"] = "live"
     web_host: str = "127.0.0.1"
     web_port: int = Field(6066, ge=1, le=65535)
-    batch_max_records: int = Field(4000, ge=1, le=100_000)
+    batch_max_records: int = Field(20000, ge=1, le=100_000)
     poll_timeout: Duration = parse_duration("200ms")
     tick_interval: Duration = parse_duration("1s")
     session_timeout: Duration = parse_duration("10s")
