@@ -37,7 +37,10 @@ class Pipeline:
         self.settings: Settings = from_mapping(data, "<test>", env={})
         self.topics = Topics(self.prefix, self.settings.worker.app_id)
         self.partitions = admin.ensure_topics(bootstrap, self.topics, partitions)
-        self.config_path = bf.write_config(self.settings.model_dump(mode="json"), workdir)
+        data = self.settings.model_dump(mode="json")
+        kpis = self.settings.kpis_path()
+        data["kpis"] = str(kpis.resolve()) if kpis is not None else None  # the config is written elsewhere
+        self.config_path = bf.write_config(data, workdir)
         self.workers: list = []
 
     @property
