@@ -124,13 +124,12 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
                 calendar=Calendar(settings.timezone), warning_state=settings.lifecycle.warning_state,
                 decimals=settings.money.decimals, config_version=config_version(settings, kpi_spec),
                 evaluate=kpi_evaluator(kpi_spec, settings) if kpi_spec is not None else None)
-    redis_on = getattr(settings.redis, "enabled", False)
-    store = SnapshotStore(settings.redis.url, getattr(settings.redis, "key_prefix", "kpimon:")) if redis_on else None
+    store = SnapshotStore(settings.redis.url, settings.redis.key_prefix) if settings.redis.enabled else None
     app.kpimon_book = book
     live = LiveKpis(kpi_spec, settings, aggregator, book) if kpi_spec is not None else None
     app.kpimon_live = live
     # Only the worker that runs the aggregation (it has seen progress) exports KPI gauges.
-    registry.register(KpiCollector(lambda: live if aggregator.live_view() else None))
+    registry.register(KpiCollector(lambda: live if aggregator.has_live() else None))
     app.kpimon_snapshots_topic = snapshots_topic
 
     async def publish(topic, key: str, value: bytes) -> None:  # noqa: ANN001
@@ -204,7 +203,7 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
     async def kpis_page(web, request):  # noqa: ANN001, ANN202
         if live is None:
             return web.json({"error": "no KPI spec configured (kpis: in kpimon.yaml)"}, status=404)
-        if not aggregator.live_view():
+        if not aggregator.has_live():
             return web.json({"error": "this worker does not run the aggregation; ask another worker"},
                             status=503)
         return web.json(live.evaluate())

@@ -35,7 +35,7 @@ def _redis(settings: Any):  # noqa: ANN202
 
 
 def _prefix(settings: Any) -> str:
-    return getattr(settings.redis, "key_prefix", "kpimon:")
+    return settings.redis.key_prefix
 
 
 def _grain_of(period: str) -> str:

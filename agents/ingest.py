@@ -166,7 +166,7 @@ class IngestService:
         self.decoder = Decoder(settings.money.decimals)
         self.metrics = metrics
         # The serving layer in Redis (agents/serving.py): fed after each state-log record is acknowledged.
-        if serving is None and getattr(settings.redis, "enabled", False):
+        if serving is None and settings.redis.enabled:
             from agents.serving import ServingWriter
 
             serving = ServingWriter(settings, metrics.registry if metrics is not None else None)

@@ -97,6 +97,11 @@ class Aggregator:
         """Periods before any data (all zero) are not published."""
         return not (isinstance(item, ClosedPeriod) and PeriodMetrics.from_wire(item.metrics).is_empty())
 
+    def has_live(self) -> bool:
+        """Whether this aggregator receives partitions' open-period reports (it runs the aggregation)."""
+        fresh = self._clock() - LIVE_TTL_S
+        return any(received >= fresh for received, _ in self.live.values())
+
     def live_view(self) -> dict[str, tuple[str, int, int, PeriodMetrics]]:
         """grain -> (label, start, end, metrics so far) of the latest open period, over all partitions.
 
