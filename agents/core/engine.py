@@ -37,6 +37,7 @@ WINDOWS = (DAY, 7 * DAY, 30 * DAY)
 WINDOW_NAMES = ("1d", "7d", "30d")
 
 ACCEPTED, DUPLICATE, LATE = 0, 1, 2
+DEDUP_SHARDS = 64  # a power of two
 
 # A user's state is one int: bits 0-41 the last activity (epoch ms, until 2109), bit 42
 # "first signup applied", bits 43+ the minute of the last purchase + 1 (0: never).
@@ -102,7 +103,9 @@ class PartitionEngine:
         # The reorder buffer: a heap of (ts, event_id, event), so that releasing what the
         # watermark passed costs O(log n) per event, however much lateness buffers.
         self.buffer: list[tuple[int, str, Event]] = []
-        self.dedup: dict[str, int] = {}  # event_id -> ts, in arrival order
+        # event_id -> ts, sharded: one dict of tens of millions of ids would stall the
+        # worker for seconds whenever it resizes; 64 shards resize 64 times less at once.
+        self._dedup: list[dict[str, int]] = [{} for _ in range(DEDUP_SHARDS)]
         self._dedup_ts: deque[int] = deque()  # the same, for expiry
         self._dedup_ids: deque[str] = deque()
         # Per-user state, kept small (docs/performance.md): every user is in exactly one
@@ -140,7 +143,8 @@ class PartitionEngine:
         each accepted event raises the watermark for the ones after it.
         ``check=False`` takes events already known to be acceptable (replay).
         """
-        dedup = self.dedup
+        shards = self._dedup
+        mask = DEDUP_SHARDS - 1
         q_ts, q_ids = self._dedup_ts, self._dedup_ids
         lateness = self.lateness
         wm, max_ts = self.wm, self.max_ts
@@ -151,6 +155,7 @@ class PartitionEngine:
         for i, ev in enumerate(events):
             eid = ev.event_id
             ts = ev.ts
+            dedup = shards[hash(eid) & mask]
             if check:
                 if eid in dedup:
                     dups += 1
@@ -201,12 +206,22 @@ class PartitionEngine:
 
     def _expire_dedup(self) -> None:
         horizon = self.wm - self.cfg.dedup_horizon
-        q_ts, q_ids, d = self._dedup_ts, self._dedup_ids, self.dedup
+        q_ts, q_ids, shards = self._dedup_ts, self._dedup_ids, self._dedup
+        mask = DEDUP_SHARDS - 1
         while q_ts and q_ts[0] < horizon:
             ts = q_ts.popleft()
             eid = q_ids.popleft()
+            d = shards[hash(eid) & mask]
             if d.get(eid) == ts:
                 del d[eid]
+
+    @property
+    def dedup(self) -> dict[str, int]:
+        """Every remembered event_id and its ts (a merged copy; for tests and tools)."""
+        out: dict[str, int] = {}
+        for shard in self._dedup:
+            out.update(shard)
+        return out
 
     def _process_until(self, target: int) -> None:
         buf = self.buffer
