@@ -37,8 +37,10 @@ class BackfillError(RuntimeError):
     pass
 
 
-def scan_max_ts(lines: Iterable[bytes]) -> int | None:
-    dec = Decoder()
+def scan_max_ts(lines: Iterable[bytes], decimals: int = 2) -> int | None:
+    """The latest ts among the events the worker would accept (bad lines skipped)."""
+    dec = Decoder(decimals)
+    dec.max_ts = int(time.time() * 1000)  # as the worker's max_future would, conservatively
     best = None
     for line in lines:
         try:
@@ -178,7 +180,7 @@ def run(path: str, settings: Any, *, until: str | None = None, broker: str | Non
     partitions = partitions or settings.kafka.partitions
     until_ms = parse_instant(until) if until else None
     if until_ms is None:
-        max_ts = scan_max_ts(admin.read_lines(path))
+        max_ts = scan_max_ts(admin.read_lines(path), settings.money.decimals)
         if max_ts is None:
             raise BackfillError(f"{path}: no valid event to backfill")
         until_ms = max_ts - settings.lateness

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agents.cli import ConfigOpt, _settings, app, err
+from config.settings import ConfigError
 from agents.core.periods import Calendar
 from agents.snapshots import list_periods, read_versions
 from streams.events import parse_instant
@@ -31,7 +32,13 @@ out = Console()
 def _redis(settings: Any):  # noqa: ANN202
     import redis
 
-    return redis.Redis.from_url(settings.redis.url, socket_timeout=5, socket_connect_timeout=5)
+    client = redis.Redis.from_url(settings.redis.url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        err.print(f"[red]cannot reach Redis at redis.url:[/red] {exc}")
+        raise typer.Exit(1) from None
+    return client
 
 
 def _prefix(settings: Any) -> str:
@@ -179,11 +186,19 @@ def targets_suggest(kpi: str = typer.Option(..., help="KPI id."),
     from agents.core.kpi import suggest_target
 
     settings = _settings(config)
-    spec = settings.load_kpis()
+    try:
+        spec = settings.load_kpis()
+    except ConfigError as exc:
+        err.print(f"[red]configuration error[/red]\n{exc}")
+        raise typer.Exit(2) from None
     if spec is None:
         err.print("[red]no KPI spec configured (kpis: in kpimon.yaml)[/red]")
         raise typer.Exit(2)
-    k = spec.kpi(kpi)
+    try:
+        k = spec.kpi(kpi)
+    except KeyError:
+        err.print(f"[red]no KPI {kpi!r} in the spec[/red] ({', '.join(x.id for x in spec.kpis)})")
+        raise typer.Exit(2) from None
     client = _redis(settings)
     rows: list[tuple[str, int, Any]] = []  # (period, end, actual), oldest first
     for g, p, _ in list_periods(client, _prefix(settings), str(k.grain)):

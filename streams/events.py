@@ -92,6 +92,11 @@ MIN_TS = 946684800000  # 2000-01-01T00:00:00Z
 _MAX_TS = 4102444800000  # 2100-01-01
 
 
+def _show(ts: int | _dt.datetime) -> str:
+    """A timestamp as the producer wrote it (RFC 3339 or epoch ms), for rejection details."""
+    return ts.isoformat() if isinstance(ts, _dt.datetime) else str(ts)
+
+
 def _classify(err: msgspec.DecodeError) -> Rejected:
     msg = str(err)
     if not isinstance(err, msgspec.ValidationError):
@@ -137,10 +142,10 @@ class Decoder:
         else:
             ts_ms = (ts - _EPOCH) // _MS
         if ts_ms < MIN_TS:
-            raise Rejected(Reason.BAD_TIMESTAMP, f"ts {raw.ts!r} is before 2000-01-01 (epoch milliseconds expected, "
+            raise Rejected(Reason.BAD_TIMESTAMP, f"ts {_show(raw.ts)} is before 2000-01-01 (epoch milliseconds expected, "
                                                  "not seconds)")
         if ts_ms > self.max_ts:
-            raise Rejected(Reason.BAD_TIMESTAMP, f"ts {raw.ts!r} is too far in the future (after {self.max_ts} ms)")
+            raise Rejected(Reason.BAD_TIMESTAMP, f"ts {_show(raw.ts)} is too far in the future (after {self.max_ts} ms)")
         code = TYPE_CODES.get(raw.type, ACTIVITY)
         amount = 0
         if raw.amount is not None:
