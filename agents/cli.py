@@ -22,12 +22,23 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="Path to kpimon.yaml (defa
                          envvar="KPIMON_CONFIG")
 
 
+def _config_error(exc: ConfigError) -> typer.Exit:
+    err.print(f"[red]configuration error[/red]\n{exc}")
+    return typer.Exit(2)
+
+
 def _settings(path: Optional[Path]) -> Settings:
     try:
         return load(path)
     except ConfigError as exc:
-        err.print(f"[red]configuration error[/red]\n{exc}")
-        raise typer.Exit(2) from None
+        raise _config_error(exc) from None
+
+
+def _kpi_spec(settings: Settings):  # noqa: ANN202 - config.kpis.KpiSpec | None
+    try:
+        return settings.load_kpis()
+    except ConfigError as exc:
+        raise _config_error(exc) from None
 
 
 @app.command()
@@ -39,12 +50,7 @@ def worker(config: Optional[Path] = ConfigOpt,
     from agents.app import create_app
 
     settings = _settings(config)
-    try:
-        kpi_spec = settings.load_kpis()
-    except ConfigError as exc:
-        err.print(f"[red]configuration error[/red]\n{exc}")
-        raise typer.Exit(2) from None
-    faust_app = create_app(settings, kpi_spec=kpi_spec)
+    faust_app = create_app(settings, kpi_spec=_kpi_spec(settings))
     w = faust.Worker(faust_app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     w.execute_from_commandline()
 

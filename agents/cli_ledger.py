@@ -16,8 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agents.cli import ConfigOpt, _settings, app, err
-from config.settings import ConfigError
+from agents.cli import ConfigOpt, _kpi_spec, _settings, app, err
 from agents.core.periods import Calendar
 from agents.snapshots import list_periods, read_versions
 from streams.events import parse_instant
@@ -186,11 +185,7 @@ def targets_suggest(kpi: str = typer.Option(..., help="KPI id."),
     from agents.core.kpi import suggest_target
 
     settings = _settings(config)
-    try:
-        spec = settings.load_kpis()
-    except ConfigError as exc:
-        err.print(f"[red]configuration error[/red]\n{exc}")
-        raise typer.Exit(2) from None
+    spec = _kpi_spec(settings)
     if spec is None:
         err.print("[red]no KPI spec configured (kpis: in kpimon.yaml)[/red]")
         raise typer.Exit(2)
