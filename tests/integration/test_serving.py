@@ -30,8 +30,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agents.runtime import RedisServer
 from agents.simulator import generate
-from streams.events import Decoder, Rejected
+from streams.events import Decoder
 from tests.integration.conftest import Pipeline
+from tests.integration.test_pipeline import good_events
 from tests.reference import accepted_events
 from tests.serving_reference import STATES, expected_users
 
@@ -96,14 +97,8 @@ def outage_run(request, kafka, tmp_path_factory):  # noqa: ANN001
     persistent = request.param == "redis-keeps-its-data"
     server = RedisServer(extra_args=["--appendonly", "yes"] if persistent else []).start()
     lines = list(generate(60_000, start_ms=START, seed=31, users=2500, duplicate_ratio=0.005))
+    good = good_events(lines)
     dec = Decoder()
-    good = []
-    for line in lines:
-        try:
-            dec.decode(line)
-        except Rejected:
-            continue
-        good.append(orjson.loads(line))
     until = max(dec.decode(orjson.dumps(e)).ts for e in good) + DAY  # users 14-30 days inactive are sleeping
     key_prefix = f"t{uuid.uuid4().hex[:8]}:"
     workdir = tmp_path_factory.mktemp(request.param)
