@@ -588,4 +588,4 @@ def from_mapping(data: Any, source: str = "<mapping>", channels: tuple[str, ...]
 def load_kpis(path: str | Path | None = None, channels: tuple[str, ...] | list[str] | None = None) -> KpiSpec:
     """Load and validate a KPI spec (default: the packaged ``config/kpis.yaml``)."""
     path = Path(path) if path is not None else DEFAULT_KPIS_PATH
-    return from_mapping(read_yaml(path), str(path), channels)
+    return from_mapping(read_yaml(path, exact=True), str(path), channels)

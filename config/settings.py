@@ -14,13 +14,15 @@ only from ``KPIMON_API_TOKEN`` and is excluded from dumps.
 from __future__ import annotations
 
 import os
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError,
+                      field_validator, model_validator)
 
 from agents.core.periods import format_duration, parse_duration
 
@@ -46,15 +48,80 @@ Duration = Annotated[int, BeforeValidator(_duration)]
 """A duration in milliseconds; written in YAML as ``500ms``, ``30s``, ``5m``, ``2h``, ``7d``."""
 
 
+def _bounded(low: Literal["zero", "positive", None], high: str) -> AfterValidator:
+    """Bounds of a duration key: ``low`` zero (>= 0), positive (> 0) or None (checked
+    elsewhere); ``high`` the largest sane value (docs/configuration.md lists them)."""
+    high_ms = parse_duration(high)
+
+    def check(value: int) -> int:
+        if low == "positive" and value <= 0:
+            raise ValueError("must be positive")
+        if low == "zero" and value < 0:
+            raise ValueError("must not be negative")
+        if value > high_ms:
+            raise ValueError(f"must be at most {high}")
+        return value
+
+    return AfterValidator(check)
+
+
+LatenessDuration = Annotated[Duration, _bounded("zero", "30d")]
+DedupDuration = Annotated[Duration, _bounded("zero", "3660d")]
+FutureDuration = Annotated[Duration, _bounded("zero", "30d")]
+ThresholdDuration = Annotated[Duration, _bounded(None, "3660d")]  # > 0 and ordered: Lifecycle._ordered
+PollDuration = Annotated[Duration, _bounded("positive", "1m")]
+TickDuration = Annotated[Duration, _bounded("positive", "1h")]
+SessionDuration = Annotated[Duration, _bounded("positive", "30m")]  # Kafka's group.max.session.timeout.ms
+
+_BROKER_FORM = "expected kafka://host:port, several separated by commas (kafka://h1:9092,h2:9092)"
+
+
+def _broker_list(value: str) -> str:
+    """``kafka://host:port[,host:port...]``, returned in that canonical form.
+
+    A later entry may repeat the ``kafka://`` scheme (it is dropped).  Everything
+    that reads the setting splits it this way (``Kafka.bootstrap``, faust, and the
+    commands that strip the scheme once), so other forms are refused here."""
+    text = value.strip()
+    if not text:
+        raise ValueError(f"empty; {_BROKER_FORM}")
+    if ";" in text:
+        raise ValueError(f"{value!r}: separate brokers with commas, not ';'; {_BROKER_FORM}")
+    hosts = []
+    parts = [p.strip() for p in text.split(",")]
+    for i, part in enumerate(parts):
+        where = repr(part) if len(parts) == 1 else f"{part!r} in {value!r}"
+        scheme, sep, rest = part.partition("://")
+        if not sep:
+            if i == 0:
+                raise ValueError(f"{where}: no scheme; {_BROKER_FORM}")
+            rest = part
+        elif scheme != "kafka":
+            raise ValueError(f"{where}: scheme {scheme + '://'!r} is not kafka://; {_BROKER_FORM}")
+        if not rest or any(c in rest for c in "/?#@ "):
+            raise ValueError(f"{where}: not host:port; {_BROKER_FORM}")
+        try:
+            parsed = urlsplit("//" + rest)
+            port = parsed.port
+        except ValueError:
+            raise ValueError(f"{where}: no valid port (1-65535); {_BROKER_FORM}") from None
+        if not parsed.hostname:
+            raise ValueError(f"{where}: no host; {_BROKER_FORM}")
+        if port is None or port == 0:
+            raise ValueError(f"{where}: no port; {_BROKER_FORM}")
+        hosts.append(rest)
+    return "kafka://" + ",".join(hosts)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Lifecycle(_Model):
-    silent_after: Duration = parse_duration("7d")
-    sleeping_after: Duration = parse_duration("14d")
-    churned_after: Duration = parse_duration("30d")
-    dead_after: Duration = parse_duration("90d")
+    silent_after: ThresholdDuration = parse_duration("7d")
+    sleeping_after: ThresholdDuration = parse_duration("14d")
+    churned_after: ThresholdDuration = parse_duration("30d")
+    dead_after: ThresholdDuration = parse_duration("90d")
     warning_state: Literal["silent", "sleeping", "churned", "dead"] = "sleeping"
 
     @model_validator(mode="after")
@@ -78,7 +145,7 @@ class Money(_Model):
 
 
 class Kafka(_Model):
-    broker: str = "kafka://127.0.0.1:9092"
+    broker: Annotated[str, AfterValidator(_broker_list)] = "kafka://127.0.0.1:9092"
     partitions: int = Field(4, ge=1, le=1024)
     topic_prefix: str = ""
 
@@ -94,9 +161,9 @@ class Worker(_Model):
     web_host: str = "127.0.0.1"
     web_port: int = Field(6066, ge=1, le=65535)
     batch_max_records: int = Field(20000, ge=1, le=100_000)
-    poll_timeout: Duration = parse_duration("200ms")
-    tick_interval: Duration = parse_duration("1s")
-    session_timeout: Duration = parse_duration("10s")
+    poll_timeout: PollDuration = parse_duration("200ms")
+    tick_interval: TickDuration = parse_duration("1s")
+    session_timeout: SessionDuration = parse_duration("10s")
 
 
 class Redis(_Model):
@@ -113,9 +180,10 @@ class Api(_Model):
 
 class Settings(_Model):
     timezone: str = "UTC"
-    lateness: Duration = parse_duration("5m")
-    dedup_horizon: Duration = parse_duration("7d")
-    max_future: Duration = parse_duration("1d")
+    lateness: LatenessDuration = parse_duration("5m")
+    dedup_horizon: DedupDuration = parse_duration("7d")
+    max_future: FutureDuration = parse_duration("1d")
+    min_epoch_ms: int = 946_684_800_000  # earliest *integer* ts accepted: 2000-01-01T00:00:00Z (see _epoch_floor)
     lifecycle: Lifecycle = Lifecycle()
     channels: tuple[str, ...] = ("organic", "paid_search", "social", "email", "referral")
     event_types: tuple[str, ...] = ("signup", "purchase", "refund", "invite", "login", "page_view", "session_start",
@@ -137,11 +205,28 @@ class Settings(_Model):
             raise ValueError(f"unknown IANA timezone {value!r}") from None
         return value
 
-    @field_validator("lateness", "dedup_horizon", "max_future")
+    @field_validator("min_epoch_ms", mode="before")
     @classmethod
-    def _non_negative(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError("must not be negative")
+    def _epoch_floor(cls, value: Any) -> int:
+        """Epoch milliseconds (>= 0), or an instant with an offset (YAML reads one as a datetime)."""
+        import datetime as dt
+
+        from streams.events import parse_instant
+
+        form = "expected epoch milliseconds or an RFC 3339 instant with an offset, like 2000-01-01T00:00:00Z"
+        if isinstance(value, dt.datetime) and value.tzinfo is not None:
+            value = value.isoformat()
+        if isinstance(value, str):
+            try:
+                value = parse_instant(value)
+            except ValueError:
+                raise ValueError(f"{value!r}: {form}") from None
+        if isinstance(value, (dt.date, dt.datetime)):
+            raise ValueError(f"{value.isoformat()}: no offset; {form}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{value!r}: {form}")
+        if not 0 <= value <= 4_102_444_800_000:
+            raise ValueError(f"{value}: must be between 0 (1970-01-01) and 4102444800000 (2100-01-01)")
         return value
 
     @field_validator("channels", "event_types")
@@ -154,6 +239,11 @@ class Settings(_Model):
                 raise ValueError(f"{item!r} is not a valid label value (letters, digits, _ and -)")
         if "other" in value or "unknown" in value:
             raise ValueError("'other' and 'unknown' are reserved")
+        seen: set[str] = set()
+        for item in value:
+            if item in seen:
+                raise ValueError(f"{item!r} is listed twice")
+            seen.add(item)
         return value
 
     def kpis_path(self) -> Path | None:
@@ -231,14 +321,104 @@ def from_mapping(data: dict[str, Any], source: str = "<mapping>", env: dict[str,
         raise ConfigError(_format_error(source, err)) from None
 
 
-def read_yaml(path: Path) -> Any:
-    """A YAML file's data (``{}`` when empty); ConfigError naming the file otherwise."""
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, line: int, first: int) -> None:
+        super().__init__(f"{key}: duplicate key at line {line} (first at line {first})")
+        self.key, self.line, self.first = key, line, first
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML
+    keeps the last one silently).  The error names the key's dotted path (list
+    items by their ``id`` or ``kpi``, else their position) and both lines."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._paths: dict[int, str] = {}
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        self._index(node, "")
+        return self.construct_document(node)
+
+    def _index(self, node: yaml.Node, path: str) -> None:
+        stack = [(node, path)]
+        while stack:
+            node, path = stack.pop()
+            if id(node) in self._paths:
+                continue  # an alias: named after its anchor
+            self._paths[id(node)] = path
+            if isinstance(node, yaml.MappingNode):
+                for key, value in node.value:
+                    name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+                    stack.append((value, f"{path}.{name}" if path else str(name)))
+            elif isinstance(node, yaml.SequenceNode):
+                for i, item in enumerate(node.value):
+                    name = str(i)
+                    if isinstance(item, yaml.MappingNode):
+                        ids = [v.value for k, v in item.value if isinstance(k, yaml.ScalarNode)
+                               and k.value in ("id", "kpi") and isinstance(v, yaml.ScalarNode) and v.value]
+                        name = ids[0] if ids else name
+                    stack.append((item, f"{path}.{name}" if path else name))
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # '<<' merges; explicit keys after it override by design
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader reports it
+                if first != key_node.start_mark.line + 1:
+                    path = self._paths.get(id(node), "")
+                    name = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key)
+                    raise _DuplicateKey(f"{path}.{name}" if path else name, key_node.start_mark.line + 1, first)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _exact_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Decimal:
+    """A YAML float as the exact decimal written (``0.1`` is 1/10), never through a binary float."""
+    text = str(loader.construct_scalar(node)).replace("_", "").lower()
+    sign = -1 if text.startswith("-") else 1
+    text = text.lstrip("+-")
+    if text == ".inf":
+        return Decimal(sign) * Decimal("Infinity")
+    if text == ".nan":
+        return Decimal("NaN")
+    if ":" in text:  # YAML 1.1 base 60: 1:30.5
+        value = Decimal(0)
+        for part in text.split(":"):
+            value = value * 60 + Decimal(part)
+        return sign * value
+    return sign * Decimal(text)
+
+
+class _ExactLoader(_Loader):
+    """:class:`_Loader` that reads floats as :class:`decimal.Decimal` (the KPI spec)."""
+
+
+_ExactLoader.add_constructor("tag:yaml.org,2002:float", _exact_float)
+
+
+def read_yaml(path: Path, exact: bool = False) -> Any:
+    """A YAML file's data (``{}`` when empty); ConfigError naming the file otherwise.
+
+    A key given twice in one mapping is an error (``<file>: <key path>: duplicate
+    key at line N (first at line M)``).  ``exact``: floats are read as
+    ``decimal.Decimal`` from their text (``0.2000000000000000001`` stays that)."""
     try:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_ExactLoader if exact else _Loader)  # noqa: S506 - SafeLoader subclasses
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return {} if data is None else data

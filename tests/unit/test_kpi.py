@@ -712,3 +712,63 @@ def test_suggest_target_yaml_snippet():
         suggest_target([])
     with pytest.raises(ValueError, match="haircut"):
         suggest_target([1], haircut=1)
+
+
+# --------------------------------------------------------------------------- numbers read exactly from the YAML text
+
+
+def _spec_file(tmp_path, ben_weights: list[str], churn_extra: str = ""):
+    """BASE as a YAML file, Ben holding nu/arpu/nu_paid... with ``ben_weights`` written as is."""
+    data = variant("ben", [{"kpi": k, "weight": f"@W{i}@"} for i, k in enumerate(("nu", "arpu", "nu_paid"))
+                           if i < len(ben_weights)])
+    text = yaml.safe_dump(data, sort_keys=False)
+    for i, w in enumerate(ben_weights):
+        text = text.replace(f"'@W{i}@'", w)
+    text = text.replace("  target: 0.05\n", f"  target: 0.05\n{churn_extra}")
+    path = tmp_path / "kpis.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_weights_are_read_from_the_yaml_text_not_through_a_float(tmp_path):
+    # as a float, 0.2000000000000000001 is 0.2 and the sum "is" 1
+    assert 0.5 + 0.3 + float("0.2000000000000000001") == 1.0
+    with pytest.raises(ConfigError) as err:
+        load_kpis(_spec_file(tmp_path, ["0.5", "0.3", "0.2000000000000000001"]), channels=CHANNELS)
+    assert str(err.value) == (f"{tmp_path / 'kpis.yaml'}: owners.ben.kpis: weights sum to 1.0000000000000000001, "
+                              f"must be exactly 1")
+    spec = load_kpis(_spec_file(tmp_path, ["0.1", "0.2", "0.7"]), channels=CHANNELS)
+    weights = [h.weight for h in spec.owner("ben").kpis]
+    assert weights == [Decimal("0.1"), Decimal("0.2"), Decimal("0.7")]
+    assert sum(map(F, weights)) == 1
+
+
+def test_targets_thresholds_and_curve_are_exact_decimals(tmp_path):
+    extra = ("  at_risk: 0.9000000000000000001\n  off_track: 0.8\n"
+             "  payout: {points: [[0.8, 0.5], [1.0000000000000000001, 1], [1.2, 1.5]], floor: 0, cap: 1.5}\n")
+    path = _spec_file(tmp_path, ["1"], extra)
+    text = path.read_text().replace("target: 0.05", "target: 0.0500000000000000001")
+    path.write_text(text)
+    k = load_kpis(path, channels=CHANNELS).kpi("churn")
+    assert k.target.default == Decimal("0.0500000000000000001")
+    assert k.at_risk == Decimal("0.9000000000000000001")
+    assert k.payout.points[1][0] == Decimal("1.0000000000000000001")
+    assert all(isinstance(x, Decimal) for p in k.payout.points for x in p)
+    # evaluation takes the Decimals exactly: attainment (lower is better) = target / actual
+    feb = CAL.parse("month", "2024-02")
+    prev = metrics(population={"active": 100, "silent": 0, "sleeping": 0, "churned": 0, "dead": 0})
+    r = evaluate_kpi(k, metrics(churned=5), prev, feb, feb.end_ms, CAL, closed=True)
+    assert r.actual == F(5, 100)
+    assert r.attainment == F(Decimal("0.0500000000000000001")) / F(5, 100)
+    assert r.status == "on_track"
+
+
+def test_a_key_given_twice_in_the_spec_is_refused_with_path_and_line(tmp_path):
+    path = _spec_file(tmp_path, ["1"])
+    lines = path.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip() == "target: 0.05")
+    lines.insert(at + 1, lines[at].replace("0.05", "0.5"))  # the last one would silently win
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_kpis(path, channels=CHANNELS)
+    assert str(err.value) == f"{path}: kpis.churn.target: duplicate key at line {at + 2} (first at line {at + 1})"
