@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import sys
@@ -16,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from agents import csvsafe
 from agents.cli import ConfigOpt, _kpi_spec, _settings, app, err
 from agents.core.periods import Calendar
 from agents.snapshots import list_periods, read_versions
@@ -60,10 +60,27 @@ def _latest(settings: Any, grain: str, period: str) -> dict[str, Any]:
     return versions[-1]
 
 
+def worker_url(settings: Any) -> str:
+    """``http://web_host:web_port`` of the configured worker (a wildcard bind address asks loopback)."""
+    host = settings.worker.web_host
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{settings.worker.web_port}"
+
+
 @app.command()
-def kpis(worker: str = typer.Option("http://127.0.0.1:6066", help="URL of the worker running the aggregation."),
-         as_json: bool = typer.Option(False, "--json", help="Print the raw evaluation.")) -> None:
+def kpis(worker: Optional[str] = typer.Option(None, help="URL of the worker running the aggregation (default: "
+                                                         "http://<worker.web_host>:<worker.web_port> of the "
+                                                         "configuration, after KPIMON_WEB_HOST/KPIMON_WEB_PORT)."),
+         as_json: bool = typer.Option(False, "--json", help="Print the raw evaluation."),
+         config: Optional[Path] = ConfigOpt) -> None:
     """Live scorecard of the open periods (from the worker's /api/kpis)."""
+    if worker is None:
+        worker = worker_url(_settings(config))
     try:
         with urllib.request.urlopen(f"{worker.rstrip('/')}/api/kpis", timeout=10) as resp:
             data = json.loads(resp.read())
@@ -136,7 +153,7 @@ def snapshots_export(period: str = typer.Argument(...),
         err.print("[red]--format must be json or csv[/red]")
         raise typer.Exit(2)
     buf = io.StringIO()
-    w = csv.writer(buf)
+    w = csvsafe.writer(buf)  # formula-like cells neutralised, every cell quoted
     w.writerow(["period", "version", "hash", "row", "id", "actual", "target", "attainment", "multiplier", "status",
                 "weight", "contribution"])
     for k in snap["kpis"]:
