@@ -163,7 +163,7 @@ class IngestService:
         self.settings = settings
         self.topics = Topics(settings.kafka.topic_prefix, settings.worker.app_id)
         self.cfg = EngineConfig.from_settings(settings)
-        self.decoder = Decoder(settings.money.decimals)
+        self.decoder = Decoder(settings.money.decimals, min_epoch_ms=settings.min_epoch_ms)
         self.metrics = metrics
         # The serving layer in Redis (agents/serving.py): fed after each state-log record is acknowledged.
         if serving is None and settings.redis.enabled:
@@ -176,6 +176,10 @@ class IngestService:
         self.live = settings.worker.clock == "live"
         self.engines: dict[int, PartitionEngine] = {}
         self.offsets: dict[int, int | None] = {}  # next source offset per owned partition
+        # Serving layer: per owned partition, the state-log position (the offset after the last record of the
+        # partition this worker knows of).  Updates of Redis are ranges of these positions: every record, a
+        # clock-only tick included, has its own, so a tick that changed users is never taken for a repeat.
+        self.log_pos: dict[int, int] = {}
         self.partitions = 0
         self.group_id = f"{settings.kafka.topic_prefix}{settings.worker.app_id}-core"
         self._lock = asyncio.Lock()
@@ -264,8 +268,8 @@ class IngestService:
         clock = now if self.live else None
         self.decoder.max_ts = now + self.settings.max_future
         results: list[tuple[int, Batch]] = []
-        # (partition, start, end, users changed) per record, for the serving layer
-        serving: list[tuple[int, int, int, dict]] | None = [] if self.serving is not None else None
+        # The users each record changed, in the order of ``results``, for the serving layer
+        serving: list[dict] | None = [] if self.serving is not None else None
         offsets = self.offsets
         for tp, msgs in batch.items():
             p = tp.partition
@@ -287,7 +291,7 @@ class IngestService:
                 start = offsets[p] = out.record.end
                 results.append((p, out))
                 if serving is not None:
-                    serving.append((p, out.record.start, out.record.end, engine.take_touched()))
+                    serving.append(engine.take_touched())
         if self.live and time.monotonic() - self._last_tick >= self.tick_s:
             self._last_tick = time.monotonic()
             busy = {tp.partition for tp in batch}
@@ -298,7 +302,9 @@ class IngestService:
                     tick = statelog.Record(off, off, clock, None, [], {}, 0, 0, self.cfg.fingerprint)
                     results.append((p, Batch(tick, [], [], Tally())))
                     if serving is not None:
-                        serving.append((p, off, off, engine.take_touched()))
+                        # Users whose buffered events the clock made final, or who aged into a new state: the
+                        # record's source range is empty, its state-log position is its own (see _write).
+                        serving.append(engine.take_touched())
         if not results:
             return await self.settle()
         touched = dict.fromkeys(p for p, _ in results)
@@ -336,15 +342,17 @@ class IngestService:
         out.append((f"progress/{p}".encode(), wire.json_encode(progress)))
         return out, engine.take_transitions()
 
-    async def _send_all(self, items: list[tuple[str, dict]]) -> None:
+    async def _send_all(self, items: list[tuple[str, dict]]) -> list:
+        """Send and wait for every acknowledgement; the RecordMetadata of each item, in order."""
         producer = self.producer
         assert producer is not None
         futures = [await producer.send(topic, **kwargs) for topic, kwargs in items]
         if futures:
-            await asyncio.gather(*futures)
+            return list(await asyncio.gather(*futures))
+        return []
 
     async def _write(self, results: list[tuple[int, Batch]], derived: dict[int, tuple],
-                     serving: list[tuple[int, int, int, dict]] | None = None) -> dict[TopicPartition, int]:
+                     serving: list[dict] | None = None) -> dict[TopicPartition, int]:
         t = self.topics
         side = []
         for p, out in results:
@@ -361,12 +369,16 @@ class IngestService:
                            (wire.H_OFFSET, str(msg.offset).encode()), (wire.H_WATERMARK, wm)]
                 side.append((t.late, {"value": msg.value, "key": msg.key, "headers": headers}))
         await self._send_all(side)
-        await self._send_all([(t.state_log, {"value": statelog.encode(out.record), "partition": p})
-                              for p, out in results])
+        acks = await self._send_all([(t.state_log, {"value": statelog.encode(out.record), "partition": p})
+                                     for p, out in results])
         if serving and self.serving is not None:
-            # The records are durable: queue their users for Redis (never waits for it).
-            for p, start, end, touched in serving:
-                self.serving.submit(p, start, end, touched)
+            # The records are durable: queue their users for Redis (never waits for it), each record as the
+            # range of state-log positions from the previous record of its partition to its own offset + 1.
+            log_pos = self.log_pos
+            for (p, _), ack, touched in zip(results, acks, serving):
+                end = ack.offset + 1
+                self.serving.submit(p, log_pos.get(p, ack.offset), end, touched)
+                log_pos[p] = end
         # The inputs are durable: publish what they produced.
         if self.metrics is not None:
             for _, out in results:
@@ -389,6 +401,7 @@ class IngestService:
             for p in partitions:
                 self.engines.pop(p, None)
                 self.offsets.pop(p, None)
+                self.log_pos.pop(p, None)
             if partitions:
                 log.info("released partitions %s", partitions)
 
@@ -408,10 +421,12 @@ class IngestService:
                 from agents.serving import Recovery
 
                 serving = await Recovery.begin(self.serving, partitions)
-            async for p, record in self._read_state_log(partitions):
+            log_end = dict.fromkeys(partitions, 0)  # state-log position reached per partition
+            async for p, offset, record in self._read_state_log(partitions):
                 rp = replayers[p]
+                log_end[p] = offset + 1
                 if serving is not None:
-                    serving.before(p, record, rp.engine)
+                    serving.before(p, record, rp.engine, offset)
                 if rp.feed(record):
                     last_outbox[p] = rp.engine.take_outbox()
                     if serving is not None:
@@ -432,7 +447,8 @@ class IngestService:
                     self.consumer.seek(tp, rp.offset)
                     self.offsets[p] = rp.offset
                 if serving is not None:
-                    serving.finish(p, engine, self.offsets[p])
+                    self.log_pos[p] = log_end[p]
+                    serving.finish(p, engine, log_end[p])
                 if rp.applied:
                     msgs, _ = self._derived(p)
                     await self._send_all([(self.topics.partials, {"key": k, "value": v, "partition": 0})
@@ -442,7 +458,7 @@ class IngestService:
             log.info("recovered %d partitions in %.2fs", len(partitions), time.monotonic() - started)
 
     async def _read_state_log(self, partitions: list[int]):  # noqa: ANN202 - async generator
-        """Yield (partition, Record) for every state-log record of these partitions, in order."""
+        """Yield (partition, state-log offset, Record) for every state-log record of these partitions, in order."""
         tps = [TopicPartition(self.topics.state_log, p) for p in partitions]
         reader = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap, enable_auto_commit=False,
                                   auto_offset_reset="earliest", max_partition_fetch_bytes=32 * 1024 * 1024,
@@ -464,7 +480,7 @@ class IngestService:
                 got = await reader.getmany(timeout_ms=200, max_records=20000)
                 for tp, msgs in got.items():
                     for msg in msgs:
-                        yield tp.partition, statelog.decode(msg.value)
+                        yield tp.partition, msg.offset, statelog.decode(msg.value)
                 if not got:
                     positions = [await reader.position(tp) for tp in tps]
                     if all(pos >= ends[tp] for pos, tp in zip(positions, tps)):

@@ -9,24 +9,40 @@ What is in Redis (``<p>`` is ``redis.key_prefix``, ``kpimon:`` by default):
   exact decimal string, ``money.decimals`` digits).
 * ``<p>at-risk:<state>`` sorted set, one per lifecycle state (``active`` too):
   member user_id, score last activity.  Each user is in exactly one of them.
-* ``<p>serving:offsets:<state-log topic>`` hash: partition -> the source offset
-  (a state-log record's ``end``) the serving layer reflects for that partition.
-* ``<p>serving:inprogress:<state-log topic>`` hash: partition -> the ``end``
-  of a multi-chunk write under way (see below).
+* ``<p>serving:positions:<state-log topic>`` hash: partition -> the
+  **state-log position** the serving layer reflects for that partition: the
+  state-log offset after the last record it reflects.
+* ``<p>serving:positions-inprogress:<state-log topic>`` hash: partition -> the
+  ``end`` of a multi-chunk write under way (see below).
 
 The state is the engine's as of its watermark: events are applied when the
 watermark passes them (agents/core/engine.py), and lifecycle states age with it.
 
+**Positions are state-log offsets, not source offsets.**  In live mode the
+clock-only record of an idle partition (every ``tick_interval``) covers no
+source offsets (``start == end``), yet it can change users: the events the
+wall clock made final are applied then, and users age into other states.
+Every record has its own offset in its state-log partition, so the position
+orders all of them strictly, ticks included: a record the layer reflects is a
+repeat, a tick after it is not.
+
 **Writes.**  :meth:`ServingWriter.submit` is called once per state-log record,
 after the record is acknowledged by the broker, with the users the record
-changed (``PartitionEngine.take_touched``).  It only queues: a background task
+changed (``PartitionEngine.take_touched``) and the range of positions from the
+partition's previous record to the record's own offset + 1 (records another
+writer put in between, a producer retry or a former owner's last write, fall
+inside the range; replay skips them, so they change nothing).  An update
+without users only moves the position: it is merged into the next one, or
+written with the next probe.  It only queues: a background task
 writes the queue, one pipeline per round (one round trip for every queued
 partition), one ``EVALSHA`` of :data:`APPLY_LUA` per partition and per chunk of
-:data:`CHUNK_USERS` users.  The script compares the partition's stored offset
-with the update's ``[start, end)``: ``stored >= end`` means already applied
-(a repeat: nothing happens); ``stored < start`` (or nothing stored) is a gap
-(Redis lost data: the partition is rebuilt from the state log, see below);
-otherwise it writes every user and sets the offset to ``end`` in the same
+:data:`CHUNK_USERS` users.  The script compares the partition's stored
+position with the update's ``[start, end)``: ``stored >= end`` means already
+applied (a repeat: nothing happens; ``result="repeat"`` counts only these: an
+update sent again after a round trip with unknown outcome, or a former owner's
+update that a newer one overtook); ``stored < start`` (or nothing stored) is a
+gap (Redis lost data: the partition is rebuilt from the state log, see below);
+otherwise it writes every user and sets the position to ``end`` in the same
 atomic script.
 
 **Every value written is absolute**, lifetime revenue included (the writer
@@ -34,13 +50,13 @@ keeps each paying user's running total per partition; recovery rebuilds it from
 the state log).  So applying an update twice, applying it over a newer one's
 prefix, or merging updates is harmless; an update ``[start, end)`` holds every
 user changed in that range with their values as of ``end``, and applying it to
-a state as of any offset in ``[start, end)`` gives the state as of ``end``.
+a state as of any position in ``[start, end)`` gives the state as of ``end``.
 That is what makes the following exactly-once without cross-system
 transactions:
 
 * *Chunks.*  A big update is split into several script calls; only the last
-  sets the offset.  A crash between chunks leaves some users written ahead of
-  the offset: re-applying the whole update rewrites them with the same values.
+  sets the position.  A crash between chunks leaves some users written ahead of
+  the position: re-applying the whole update rewrites them with the same values.
   The earlier chunks mark ``inprogress[p] = end`` so that an older update from
   another writer (a former owner during a rebalance) cannot overwrite the newer
   values in between; any newer writer has ``end >= inprogress`` (it replayed
@@ -53,30 +69,34 @@ transactions:
   is harmless.
 * *Crashes.*  A worker that dies with a backlog loses nothing: the next owner
   of the partition (:class:`Recovery`, run by ``IngestService.recover``) reads
-  the stored offset, replays the state log with change tracking switched on
-  for the records past it, and submits those users as one update starting at
-  that offset.
+  the stored position, replays the state log with change tracking switched on
+  for the records at or past it (tick records included), and submits those
+  users as one update starting at that position.  Revenue is rebuilt from the
+  replay, so a redelivery never counts a purchase twice.
 * *Data loss in Redis* (a restart without persistence, a flush, a failover to
   a stale replica) shows up as a gap on the next write, or as a missing or
-  smaller offset on the periodic probe.  The writer then rebuilds the
+  smaller position on the periodic probe.  The writer then rebuilds the
   partition's full user state from the state log in the background (a fresh
   engine, yielding to the event loop between records) and writes it as a
   ``RESET`` update before the updates held meanwhile.
 
 Limits: a worker that recovers while Redis is unreachable cannot know the
-stored offset, so it collects and rewrites every user of the partition once
+stored position, so it collects and rewrites every user of the partition once
 (memory for the tracked users during the replay, one big write when Redis is
 back).  A rebuild after data loss replays the partition's whole state log in
 the worker.  The lifetime-revenue totals take memory per paying user.  Keys are
 built inside the scripts, so Redis Cluster is not supported.  Keys of users who
 disappear from the state log (a new deployment with the same topic names but
 old Redis data) are not removed: a new deployment needs a new ``key_prefix``.
+Versions before state-log positions kept source offsets under
+``serving:offsets:`` and ``serving:inprogress:``: an upgraded worker finds no
+position, rewrites every user of its partitions once, and leaves those two
+keys alone (they can be deleted).
 """
 
 from __future__ import annotations
 
 import asyncio
-import csv
 import hashlib
 import io
 import logging
@@ -87,7 +107,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from agents import statelog
+from agents import csvsafe, statelog
 from agents.core.engine import WINDOWS, PartitionEngine
 from agents.core.lifecycle import STATES, Ladder, Thresholds
 from streams.events import PURCHASE, REFUND, format_money
@@ -96,8 +116,8 @@ from streams.topics import Topics
 log = logging.getLogger("kpimon.serving")
 _msgpack = msgspec.msgpack.Encoder()
 
-RESET = -1  # update start: a full snapshot of the partition; applies unless the stored offset is already >= end
-FORCE = -2  # update start: apply whatever is stored (the stored offset was ahead of the state log)
+RESET = -1  # update start: a full snapshot of the partition; applies unless the stored position is already >= end
+FORCE = -2  # update start: apply whatever is stored (the stored position was ahead of the state log)
 CHUNK_USERS = 5000  # users per script call; a call runs atomically in Redis, so this bounds its pause
 CALLS_PER_TRIP = 8  # script calls per pipeline: a large backlog is written in several round trips
 MAX_PAGE = 10_000  # most users one at-risk read returns
@@ -108,7 +128,7 @@ CSV_HEADER = ("user_id", "state", "last_activity", "signup_ts", "channel", "life
 # ARGV: key prefix, partition, start, end, final (1/0), users: a msgpack array of
 #   [user_id, state, last_activity, signup_ts ('' = none), channel ('' = none), revenue minor, revenue decimal]
 #   (one blob: encoding 5000 users costs the worker ~0.3 ms instead of ~30 ms as 35000 separate arguments).
-# Returns {1, users written} | {0, stored offset} (repeat: nothing done) | {-1, stored offset or -1} (gap).
+# Returns {1, users written} | {0, stored position} (repeat: nothing done) | {-1, stored position or -1} (gap).
 APPLY_LUA = """
 local p = ARGV[2]
 local start = tonumber(ARGV[3])
@@ -224,8 +244,9 @@ class ServingWriter:
         self.settings = settings
         self.prefix = settings.redis.key_prefix
         topic = Topics(settings.kafka.topic_prefix, settings.worker.app_id).state_log
-        self.offsets_key = f"{self.prefix}serving:offsets:{topic}"
-        self.progress_key = f"{self.prefix}serving:inprogress:{topic}"
+        # State-log positions (see the module doc); new key names, so that an upgraded worker rewrites once.
+        self.offsets_key = f"{self.prefix}serving:positions:{topic}"
+        self.progress_key = f"{self.prefix}serving:positions-inprogress:{topic}"
         self.zone_state = Ladder.build(Thresholds(*settings.lifecycle.thresholds), WINDOWS).state
         self.decimals = settings.money.decimals
         self.chunk_users = chunk_users
@@ -237,7 +258,7 @@ class ServingWriter:
         self.queues: dict[int, list[Update]] = {}
         self.revenue: dict[int, dict[str, int]] = {}  # per partition: lifetime revenue of users who ever paid
         self.gen: dict[int, int] = {}  # bumped when a partition is (re)assigned: stale work is dropped
-        self.applied: dict[int, int] = {}  # the offset this writer last saw stored, per partition
+        self.applied: dict[int, int] = {}  # the position this writer last saw stored, per partition
         self.resyncing: set[int] = set()
         self.up = False
         self._seen_up = False
@@ -308,7 +329,7 @@ class ServingWriter:
         users = self._absolute(touched, self.revenue.setdefault(partition, {}), fold=True)
         self._enqueue(partition, Update(start, end, users))
 
-    def _enqueue(self, p: int, upd: Update, front: bool = False) -> None:
+    def _enqueue(self, p: int, upd: Update, front: bool = False, wake: bool = False) -> None:
         q = self.queues.setdefault(p, [])
         if front:
             q.insert(0, upd)
@@ -316,20 +337,27 @@ class ServingWriter:
             q[-1].absorb(upd)
         else:
             q.append(upd)
-        if upd.users or front:
+        # An update without users only moves the position: it waits for the next one or the next probe.
+        if upd.users or front or wake:
             if self._task is None:
                 self.start()
             self._wake.set()
 
     def recovered(self, partition: int, start: int, end: int, touched: dict[str, list],
                   revenue: dict[str, int]) -> None:
-        """A partition was (re)assigned: forget older work, queue what the stored offset misses."""
+        """A partition was (re)assigned: forget older work, queue what the stored position misses."""
         self.gen[partition] = self.gen.get(partition, 0) + 1
         self.queues.pop(partition, None)
         self.resyncing.discard(partition)
         self.applied.pop(partition, None)
         self.revenue[partition] = revenue
-        self._enqueue(partition, Update(start, end, self._absolute(touched, revenue, fold=False)))
+        users = self._absolute(touched, revenue, fold=False)
+        if start >= 0:
+            self.applied[partition] = start  # read from Redis just now: the probe watches it from here
+            if start == end and not users:
+                return  # Redis is up to date: nothing to write (it would only count as a repeat)
+        # A snapshot (RESET, FORCE) is written at once, so that Redis holds the partition's position early.
+        self._enqueue(partition, Update(start, end, users), wake=start < 0)
 
     def retain(self, partitions: Iterable[int]) -> None:
         """Drop the state of partitions this worker no longer owns (their next owner recovers them)."""
@@ -346,7 +374,7 @@ class ServingWriter:
         self.gen[p] = self.gen.get(p, 0) + 1
 
     async def read_offsets(self, partitions: list[int], timeout: float = 3.0) -> dict[int, int | None] | None:
-        """The stored offset of each partition, or None if Redis cannot be reached."""
+        """The stored position of each partition, or None if Redis cannot be reached."""
         if not partitions:
             return {}
         try:
@@ -396,7 +424,7 @@ class ServingWriter:
         return calls
 
     async def _apply(self, items: list[tuple[int, int, Update]]) -> list[tuple[str, int]]:
-        """One round trip for every item: (outcome, stored offset or users written) per item."""
+        """One round trip for every item: (outcome, stored position or users written) per item."""
         from redis.exceptions import NoScriptError
 
         client = self.client
@@ -472,7 +500,7 @@ class ServingWriter:
                     gaps.append((p, gen, u, info))
             self._put_back([g[:3] for g in gaps])  # held (in order) until the partition is rebuilt
             for p, _, u, info in gaps:
-                self._lost(p, f"stored offset {'none' if info < 0 else info}, update [{u.start}, {u.end})")
+                self._lost(p, f"stored position {'none' if info < 0 else info}, update [{u.start}, {u.end})")
             self._caught_up()
             return True
 
@@ -541,7 +569,7 @@ class ServingWriter:
             if p in self.resyncing or p not in self.applied:
                 continue
             if v is None or int(v) < self.applied[p]:
-                self._lost(p, f"stored offset {'none' if v is None else int(v)}, written {self.applied[p]}")
+                self._lost(p, f"stored position {'none' if v is None else int(v)}, written {self.applied[p]}")
 
     # ----------------------------------------------------------------- rebuild
     def _lost(self, p: int, detail: str) -> None:
@@ -572,7 +600,7 @@ class ServingWriter:
             if self.gen.get(p, 0) != gen:
                 return
             self.resyncing.discard(p)
-            log.warning("partition %d rebuilt from the state log: %d users up to offset %d", p,
+            log.warning("partition %d rebuilt from the state log: %d users up to position %d", p,
                         len(snapshot.users), snapshot.end)
             self._enqueue(p, snapshot, front=True)
             return
@@ -614,25 +642,28 @@ async def rebuild_from_log(writer: ServingWriter, p: int) -> Update:
     engine.track_users = True
     rp = statelog.Replayer(engine, p)
     revenue: dict[str, int] = {}
-    n = 0
-    async for _, record in ingest._read_state_log([p]):
+    n = end = 0
+    async for _, offset, record in ingest._read_state_log([p]):
         if rp.feed(record):
             add_revenue(revenue, record.events)
+        end = offset + 1
         n += 1
         if n % 8 == 0:
             await asyncio.sleep(0)  # the live stream keeps going meanwhile
     add_revenue(revenue, engine.buffered(), -1)  # accepted, not yet applied
     users = writer._absolute(engine.take_touched(), revenue, fold=False)
-    return Update(RESET, rp.offset if rp.offset is not None else 0, users)
+    return Update(RESET, end, users)
 
 
 class Recovery:
     """The serving side of ``IngestService.recover`` for the partitions being assigned.
 
     ``before`` switches change tracking on for the records past the stored
-    offset (all of them if it is unknown), ``applied`` sums the revenue of
+    position (all of them if it is unknown), ``applied`` sums the revenue of
     every replayed record, ``finish`` submits the tracked users as one update
-    from the stored offset to the replay's end and leaves tracking on.
+    from the stored position to the replay's end and leaves tracking on.
+    Positions are state-log offsets: the record at offset ``o`` is reflected
+    once the stored position is ``o + 1`` or more.
     """
 
     def __init__(self, writer: ServingWriter, partitions: list[int], known: dict[int, int | None] | None) -> None:
@@ -651,20 +682,23 @@ class Recovery:
     def stored(self, p: int) -> int | None:
         return None if self.known is None else self.known.get(p)
 
-    def before(self, p: int, record: statelog.Record, engine: PartitionEngine) -> None:
+    def before(self, p: int, record: statelog.Record, engine: PartitionEngine, offset: int) -> None:
+        """``record`` (at state-log ``offset``) is about to be replayed."""
         stored = self.stored(p)
-        engine.track_users = stored is None or record.end > stored
+        engine.track_users = stored is None or offset >= stored
 
     def applied(self, p: int, record: statelog.Record) -> None:
         add_revenue(self.revenue[p], record.events)
 
     def finish(self, p: int, engine: PartitionEngine, end: int) -> None:
+        """The replay reached state-log position ``end`` (the offset after the partition's last record)."""
         stored = self.stored(p)
         if stored is None:
             start = RESET
         elif stored > end:
-            log.error("serving layer offset %d of partition %d is ahead of the state log (%d): it was written by "
-                      "another deployment; overwriting (use a fresh redis.key_prefix per deployment)", stored, p, end)
+            log.error("serving layer position %d of partition %d is ahead of the state log (%d): it was written "
+                      "by another deployment; overwriting (use a fresh redis.key_prefix per deployment)",
+                      stored, p, end)
             start = FORCE
         else:
             start = stored
@@ -745,8 +779,10 @@ def present(user: dict[str, Any], calendar: Any) -> dict[str, Any]:
 
 
 def csv_rows(users: Iterable[dict[str, Any]], calendar: Any, header: bool = True) -> str:
+    """CSV lines (header :data:`CSV_HEADER`); cells a spreadsheet would run as formulas are
+    neutralised (:mod:`agents.csvsafe`)."""
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = csvsafe.writer(buf, lineterminator="\n")
     if header:
         w.writerow(CSV_HEADER)
     for user in users:

@@ -28,6 +28,7 @@ import redis
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from agents import statelog
 from agents.runtime import RedisServer
 from agents.simulator import generate
 from streams.events import Decoder
@@ -54,6 +55,29 @@ def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
     try:
         ends = consumer.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
         return {tp.partition: off for tp, off in ends.items()}
+    finally:
+        consumer.close()
+
+
+def reflects(client: redis.Redis, key: str, p: Pipeline, source_ends: dict[int, int]) -> bool:
+    """The serving positions (state-log offsets) are at the end of a state log that covers ``source_ends``."""
+    log_ends = end_offsets(p.bootstrap, p.topics.state_log, p.partitions)
+    if {int(k): int(v) for k, v in client.hgetall(key).items()} != log_ends:
+        return False
+    consumer = KafkaConsumer(bootstrap_servers=p.bootstrap, enable_auto_commit=False)
+    try:
+        for part, end in log_ends.items():
+            if end == 0:
+                if source_ends[part]:
+                    return False
+                continue
+            tp = TopicPartition(p.topics.state_log, part)
+            consumer.assign([tp])
+            consumer.seek(tp, end - 1)
+            last = [m for ms in consumer.poll(timeout_ms=5000).values() for m in ms]
+            if not last or statelog.decode(last[-1].value).end != source_ends[part]:
+                return False
+        return True
     finally:
         consumer.close()
 
@@ -105,14 +129,13 @@ def outage_run(request, kafka, tmp_path_factory):  # noqa: ANN001
     p = Pipeline(kafka.bootstrap, str(workdir), redis={"enabled": True, "url": server.url, "key_prefix": key_prefix},
                  worker={"batch_max_records": 1000})
     client = server.client()
-    offsets_key = f"{key_prefix}serving:offsets:{p.topics.state_log}"
+    offsets_key = f"{key_prefix}serving:positions:{p.topics.state_log}"
     try:
         p.start_worker(env={"KPIMON_API_TOKEN": TOKEN})
         half = len(lines) // 2
         p.produce(lines[:half])
         ends = end_offsets(kafka.bootstrap, p.topics.events, p.partitions)
-        wait_for(lambda: {int(k): int(v) for k, v in client.hgetall(offsets_key).items()} == ends, 120,
-                 "the serving layer to reflect the first half", p)
+        wait_for(lambda: reflects(client, offsets_key, p, ends), 120, "the serving layer to reflect the first half", p)
         before = len(list(client.scan_iter(f"{key_prefix}user:*", count=5000)))
         assert before > 500
 
@@ -128,8 +151,8 @@ def outage_run(request, kafka, tmp_path_factory):  # noqa: ANN001
         wait_for(lambda: metrics(p)["kpimon_serving_up"] == 1 and metrics(p)["kpimon_serving_backlog_users"] == 0
                  and len(client.hgetall(offsets_key)) == p.partitions, 120, "the serving layer to catch up", p)
         final_ends = end_offsets(kafka.bootstrap, p.topics.events, p.partitions)
-        wait_for(lambda: {int(k): int(v) for k, v in client.hgetall(offsets_key).items()} == final_ends, 60,
-                 "the serving layer offsets to reach the end of the stream", p)
+        wait_for(lambda: reflects(client, offsets_key, p, final_ends), 60,
+                 "the serving layer positions to reach the end of the state log", p)
         accepted = accepted_events(good, p.settings)
         expected = expected_users(accepted, until, p.settings.lifecycle.thresholds, p.settings.money.decimals)
         yield {"p": p, "server": server, "client": client, "prefix": key_prefix, "expected": expected,
@@ -222,12 +245,11 @@ def test_a_worker_killed_with_a_backlog_loses_nothing(kafka, pipeline_factory):
         key_prefix = f"t{uuid.uuid4().hex[:8]}:"
         p = pipeline_factory(kafka.bootstrap, redis={"enabled": True, "url": server.url, "key_prefix": key_prefix})
         client = server.client()
-        offsets_key = f"{key_prefix}serving:offsets:{p.topics.state_log}"
+        offsets_key = f"{key_prefix}serving:positions:{p.topics.state_log}"
         first = p.start_worker()
         p.produce(lines[:10_000])
         ends = end_offsets(kafka.bootstrap, p.topics.events, p.partitions)
-        wait_for(lambda: {int(k): int(v) for k, v in client.hgetall(offsets_key).items()} == ends, 120,
-                 "the serving layer to reflect the first part", p)
+        wait_for(lambda: reflects(client, offsets_key, p, ends), 120, "the serving layer to reflect the first part", p)
         server.stop_process()
         p.produce(lines[10_000:])
         p.mark(until)
@@ -244,5 +266,6 @@ def test_a_worker_killed_with_a_backlog_loses_nothing(kafka, pipeline_factory):
         assert set(got) == set(expected)
         assert [uid for uid in expected if got[uid] != expected[uid]] == []
         final_ends = end_offsets(kafka.bootstrap, p.topics.events, p.partitions)
-        assert {int(k): int(v) for k, v in client.hgetall(offsets_key).items()} == final_ends
+        wait_for(lambda: reflects(client, offsets_key, p, final_ends), 60,
+                 "the serving layer positions to reach the end of the state log", p)
         client.close()

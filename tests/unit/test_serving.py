@@ -6,6 +6,7 @@ import asyncio
 import csv
 import io
 import logging
+import time
 import uuid
 
 import orjson
@@ -23,6 +24,7 @@ from agents.serving import RESET, Recovery, ServingWriter, Update
 from agents.simulator import generate
 from config.settings import ConfigError, from_mapping
 from streams.events import Decoder, Rejected
+from streams.topics import Topics
 from tests.serving_reference import expected_users
 
 DAY = 86_400_000
@@ -294,7 +296,7 @@ async def test_readers_order_oldest_first_and_export_csv_and_json(redis_server, 
     assert orjson.loads(out.getvalue()) == []
     out = io.StringIO()
     await serving.export_at_risk(client, prefix, "dead", "csv", cal, out.write)
-    assert out.getvalue() == ",".join(serving.CSV_HEADER) + "\n"
+    assert out.getvalue() == ",".join(f'"{h}"' for h in serving.CSV_HEADER) + "\n"  # every cell quoted
     await w.stop()
 
 
@@ -341,31 +343,32 @@ async def test_the_engine_feed_and_a_crash_recovery_give_the_plain_computation(r
         marker = None if i + 700 < len(events) else events[-1].ts + DAY
         engine.advance(marker=marker)
         rec = statelog.Record(pos, pos + len(chunk), None, marker, accepted, {}, 0, 0, cfg.fingerprint)
-        records.append(rec)
-        w.submit(0, rec.start, rec.end, engine.take_touched())
+        records.append(rec)  # at state-log offset len(records) - 1: updates are ranges of state-log positions
+        w.submit(0, len(records) - 1, len(records), engine.take_touched())
         pos = rec.end
         if len(records) == 6:
             await w.flush()  # the first six records reach Redis, the rest stays queued: then the worker dies
     crashed_at = w.applied[0]
-    assert crashed_at == records[5].end and w.backlog_users() > 0
+    assert crashed_at == 6 and w.backlog_users() > 0
     w.queues.clear()
     await w.stop()
 
-    # The next owner replays the state log with tracking from the stored offset on.
+    # The next owner replays the state log with tracking from the stored position on.
     w2 = ServingWriter(s, chunk_users=50)
     w2.start()
     rec2 = Recovery(w2, [0], await w2.read_offsets([0]))
     fresh = PartitionEngine(cfg)
     rp = statelog.Replayer(fresh, 0)
-    for record in records:
-        rec2.before(0, record, fresh)
+    for offset, record in enumerate(records):
+        rec2.before(0, record, fresh, offset)
         if rp.feed(record):
             rec2.applied(0, record)
-    rec2.finish(0, fresh, rp.offset)
+    rec2.finish(0, fresh, len(records))
+    assert rp.offset == pos
     assert w2.queues[0][0].start == crashed_at
     assert len(w2.queues[0][0].users) < fresh.user_count()  # only what Redis misses
     assert await w2.flush()
-    assert w2.applied[0] == pos
+    assert w2.applied[0] == len(records)
 
     expected = expected_users(_as_dicts(accepted_all), engine.wm, s.lifecycle.thresholds)
     assert len(expected) == engine.user_count() > 150
@@ -392,15 +395,180 @@ async def test_recovery_without_redis_collects_every_user(redis_server):
     engine = PartitionEngine(cfg)
     rp = statelog.Replayer(engine, 0)
     record = statelog.Record(0, 2000, None, events[-1].ts, events, {}, 0, 0, cfg.fingerprint)
-    rec.before(0, record, engine)
+    rec.before(0, record, engine, 0)
     rp.feed(record)
     rec.applied(0, record)
-    rec.finish(0, engine, 2000)
+    rec.finish(0, engine, 1)
     (upd,) = w.queues[0]
-    assert upd.start == RESET and upd.end == 2000
+    assert upd.start == RESET and upd.end == 1
     assert len(upd.users) == engine.user_count()
     assert engine.track_users
     await w.stop(timeout=0.2)
+
+
+# ----------------------------------------------------------------------------- live mode: idle ticks
+class _Sent:
+    """An acknowledged send: what aiokafka's future resolves to (only ``offset`` is read)."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+
+class _FakeProducer:
+    """Keeps the state log per partition in memory; acknowledges every send at once."""
+
+    def __init__(self, state_log: str) -> None:
+        self.state_log = state_log
+        self.log: dict[int, list[bytes]] = {}
+
+    async def send(self, topic: str, value: bytes | None = None, partition: int = 0, **_: object) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        offset = -1
+        if topic == self.state_log:
+            records = self.log.setdefault(partition, [])
+            records.append(value)
+            offset = len(records) - 1
+        fut.set_result(_Sent(offset))
+        return fut
+
+
+class _FakeConsumer:
+    def __init__(self) -> None:
+        self.sought: dict[int, int] = {}
+
+    async def seek_to_beginning(self, tp) -> None:  # noqa: ANN001
+        self.sought[tp.partition] = 0
+
+    async def position(self, tp) -> int:  # noqa: ANN001
+        return self.sought[tp.partition]
+
+    def seek(self, tp, offset: int) -> None:  # noqa: ANN001
+        self.sought[tp.partition] = offset
+
+
+class _Clock:
+    """Stands in for the ``time`` module inside agents.ingest: the wall clock is set by the test."""
+
+    def __init__(self, now_ms: int) -> None:
+        self.now_ms = now_ms
+        self.monotonic = time.monotonic
+
+    def time(self) -> float:
+        return self.now_ms / 1000
+
+
+def _live_service(settings, producer: _FakeProducer, registry=None):  # noqa: ANN001, ANN202
+    from agents.ingest import IngestService
+
+    svc = IngestService(settings, serving=ServingWriter(settings, registry, probe_interval=60))
+    svc.producer = producer
+    svc.consumer = _FakeConsumer()
+    svc.partitions = 1
+    svc.tick_s = 0  # a tick on every poll
+
+    async def read_log(partitions):  # noqa: ANN001, ANN202 - the state log the fake producer kept
+        for p in partitions:
+            for offset, value in enumerate(producer.log.get(p, [])):
+                yield p, offset, statelog.decode(value)
+
+    svc._read_state_log = read_log
+    return svc
+
+
+async def test_users_applied_on_idle_ticks_reach_redis_and_a_restart_rebuilds_them(redis_server, client,
+                                                                                     monkeypatch):
+    """Live mode: events wait for the wall clock; clock-only tick records (source start == end) apply them.
+
+    Every tick record that changes users is written (it has its own state-log
+    position), the same update sent twice is a repeat, and a worker that dies
+    before writing tick changes has them rewritten by the next owner.
+    """
+    from aiokafka import TopicPartition
+    from aiokafka.structs import ConsumerRecord
+
+    from agents import ingest
+
+    s = make_settings(redis_server.url, lateness="1m", worker={"clock": "live"},
+                      lifecycle={"silent_after": "1h", "sleeping_after": "2h", "churned_after": "3h",
+                                 "dead_after": "4h"})
+    clock = _Clock(START)
+    monkeypatch.setattr(ingest, "time", clock)
+    producer = _FakeProducer(Topics(s.kafka.topic_prefix, s.worker.app_id).state_log)
+    registry = CollectorRegistry()
+    svc = _live_service(s, producer, registry)
+    w = svc.serving
+    tp = TopicPartition(svc.topics.events, 0)
+    lines = []
+    for i in range(12):
+        uid = f"u{i:02d}"
+        lines.append({"event_id": f"{i}-s", "user_id": uid, "type": "signup", "ts": START + i, "channel": "email"})
+        lines.append({"event_id": f"{i}-p", "user_id": uid, "type": "purchase", "ts": START + 100 + i,
+                      "amount": f"{i + 1}.25"})
+    msgs = [ConsumerRecord(tp.topic, 0, off, START, 0, uid.encode(), orjson.dumps(e), None, 0, 0, [])
+            for off, e in enumerate(lines) for uid in [e["user_id"]]]
+    expected_events = [{**e, "amount": int(e["amount"].replace(".", "")) if "amount" in e else 0} for e in lines]
+
+    async def poll(batch: dict) -> None:
+        await svc.process(batch)
+        await svc.settle()  # the records are acknowledged: their users are queued
+        assert await w.flush()
+
+    async def redis_matches(engine) -> None:  # noqa: ANN001
+        want = expected_users(expected_events, engine.wm, s.lifecycle.thresholds)
+        assert len(want) == 12
+        got = await _serving_state(client, s, sorted(want))
+        assert got == want
+        for state in STATES:
+            assert sorted(await members(client, s, state)) == sorted(u for u in want if want[u]["state"] == state)
+
+    await svc.recover([0])  # a fresh partition: nothing in the state log
+    assert await w.flush()
+    await poll({tp: msgs})  # the events wait in the reorder buffer (ts >= wall clock - lateness)
+    engine = svc.engines[0]
+    assert engine.user_count() == 0 and len(engine.buffered()) == 24
+    clock.now_ms = START + 2 * 60_000
+    await poll({})  # idle: a tick record (source offsets start == end == 24) applies every event
+    assert engine.user_count() == 12
+    await redis_matches(engine)
+    clock.now_ms = START + 90 * 60_000
+    await poll({})  # another tick at the same source offset: everyone turns silent
+    await redis_matches(engine)
+    assert {u for u in await members(client, s, "silent")} == {f"u{i:02d}" for i in range(12)}
+    assert all(statelog.decode(v).start == statelog.decode(v).end == 24 for v in producer.log[0][2:])
+    assert registry.get_sample_value("kpimon_serving_writes_total", {"result": "repeat"}) == 0
+
+    # The same update delivered twice: the second is a repeat and changes nothing.
+    stored = int(await client.hget(w.offsets_key, "0"))
+    again = Update(stored - 1, stored, {"u00": (0, START, None, None, 0)})
+    assert await w._apply([(0, w.gen[0], again)]) == [("repeat", stored)]
+    await redis_matches(engine)
+
+    # A tick moves everyone to sleeping, and the worker dies after the record is durable, before Redis has it.
+    lost = []
+    w.submit = lambda p, start, end, touched: lost.append(len(touched))  # noqa: ARG005
+    clock.now_ms = START + 150 * 60_000
+    await svc.process({})
+    await svc.settle()
+    assert lost == [12]
+    await w.stop()
+    assert (await user(client, s, "u00"))["state"] == "silent"
+
+    # The next owner replays the state log, tracking the records past the stored position: it writes them.
+    svc2 = _live_service(s, producer)
+    await svc2.recover([0])
+    assert await svc2.serving.flush()
+    await redis_matches(svc2.engines[0])
+    assert (await user(client, s, "u00"))["state"] == "sleeping"
+    assert (await user(client, s, "u11"))["lifetime_revenue"] == "12.25"  # not counted twice
+
+    # Redis loses everything; a restart rewrites every user from the state log.
+    await client.delete(*await client.keys(f"{s.redis.key_prefix}*"))
+    await svc2.serving.stop()
+    svc3 = _live_service(s, producer)
+    await svc3.recover([0])
+    assert await svc3.serving.flush()
+    await redis_matches(svc3.engines[0])
+    await svc3.serving.stop()
 
 
 # ----------------------------------------------------------------------------- API and settings
@@ -425,7 +593,7 @@ async def test_the_token_is_required_and_compared(redis_server, client):
     status, body, _, _ = await api.at_risk("Bearer s3cret-token", {"state": "sleeping", "limit": "10"})
     assert status == 200 and [u["user_id"] for u in body["users"]] == ["u1"]
     status, text, kind, _ = await api.at_risk("bearer s3cret-token", {"state": "sleeping", "format": "csv"})
-    assert (status, kind) == (200, "csv") and text.splitlines()[1].startswith("u1,sleeping,")
+    assert (status, kind) == (200, "csv") and text.splitlines()[1].startswith('"u1","sleeping",')
     assert (await api.at_risk("Bearer s3cret-token", {"state": "asleep"}))[0] == 400
     assert (await api.at_risk("Bearer s3cret-token", {"state": "sleeping", "limit": "10001"}))[0] == 400
     assert (await api.at_risk("Bearer s3cret-token", {"state": "sleeping", "limit": "x"}))[0] == 400
