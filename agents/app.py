@@ -5,14 +5,26 @@
   partitions' partials and progress (low volume: a few messages per partition
   per period), and publishes them on ``kpimon.periods``.
 * ``/metrics`` (an ``app.page``): Prometheus exposition.
+* ``/healthz``: 503 while a loop is down (agents/health.py).
+
+A failure that escapes the ingest loop, an agent or faust itself marks the
+loop down, counts it, and stops the worker: ``kpimon worker`` then exits with
+code 1 so that a supervisor restarts it (docs/operations.md#exit-codes-and-healthz).
+The loops are not restarted in-process: the ingest engines may hold a batch the
+state log does not, and faust would restart an agent past the record it failed
+on.  A restarted process rebuilds both from the state log and the changelogs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
+
+import msgspec
 
 import faust
 import mode
@@ -23,6 +35,7 @@ from agents.core.ledger import Book, canonical
 from agents.core.metrics import PeriodMetrics
 from agents.core.periods import Calendar
 from agents.exporter import KpimonMetrics, StateCollector, new_registry
+from agents.health import Health
 from agents.ingest import IngestService
 from agents.live_kpis import KpiCollector, LiveKpis
 from agents.snapshots import SnapshotStore
@@ -51,6 +64,40 @@ def kpi_evaluator(kpi_spec: Any, settings: Any):  # noqa: ANN201
         return evaluate_period(kpi_spec, grain, label, start, end, result, prev, calendar)
 
     return evaluate
+
+
+class UndecodableRecord(Exception):
+    """A record on an internal topic that this kpimon cannot decode (another version, or not kpimon's)."""
+
+
+def position(stream) -> str:  # noqa: ANN001
+    """``topic[partition]@offset`` of the record a faust stream is processing."""
+    event = stream.current_event
+    if event is None:
+        return "(position unknown)"
+    msg = event.message
+    return f"at {msg.topic}[{msg.partition}]@{msg.offset}"
+
+
+class LedgerTable(faust.Table):
+    """A one-partition Table that can be written outside a stream's iteration.
+
+    ``restate`` commits after a batch of late events was taken (``take_events``
+    with ``within``): faust's current event is gone then, and a plain Table
+    raises ``TypeError: Cannot modify table key from outside of stream
+    iteration`` because it takes the changelog partition from that event.
+    With one partition it is always 0.  (The partition counts are verified
+    before the worker starts: agents/cli.py, streams/admin.py.)
+    """
+
+    def partition_for_key(self, key: Any) -> int:  # noqa: ARG002
+        return 0
+
+
+def internal_topics(app: faust.App) -> dict[str, tuple[int, dict[str, str]]]:
+    """faust's changelog topics of the app's Tables: partition count and configs, as faust declares them."""
+    return {table.changelog_topic.get_topic_name(): (table.partitions or 1, {"cleanup.policy": "compact"})
+            for table in app.tables.values()}
 
 
 def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:  # noqa: ANN001
@@ -87,6 +134,24 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
     app.kpimon_settings = settings
     app.kpimon_ingest = ingest
     app.kpimon_registry = registry
+    health = Health(registry)
+    app.kpimon_health = health
+    # How a loop's failure stops the process: `kpimon worker` sets this (agents/cli.py) to stop the
+    # faust Worker with exit code 1.  Without it (tests, embedding) the faust app is crashed.
+    app.kpimon_on_fatal: Callable[[BaseException], None] | None = None
+
+    async def fail(loop: str, exc: BaseException) -> None:
+        first = health.ok
+        reason = health.crashed(loop, exc)
+        log.error("%s loop crashed; stopping the worker (exit code 1): %s", loop, reason, exc_info=exc)
+        if not first:
+            return  # already stopping
+        if app.kpimon_on_fatal is not None:
+            app.kpimon_on_fatal(exc)
+        else:
+            await app.crash(exc)
+
+    app.kpimon_fail = fail
 
     @app.service
     class IngestWorker(mode.Service):
@@ -99,12 +164,39 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
         async def _run(self) -> None:
             try:
                 await ingest.run()
-            except Exception:
-                log.exception("ingest loop crashed; stopping the worker")
-                await app.crash(RuntimeError("ingest loop crashed"))
+            except Exception as exc:  # noqa: BLE001 - any failure stops the worker
+                await fail("ingest", exc)
 
         async def on_stop(self) -> None:
             await ingest.stop()
+
+    @app.service
+    class CrashWatch(mode.Service):
+        """faust marks its app crashed (e.g. a table recovery failure) but keeps the process running."""
+
+        async def on_start(self) -> None:
+            self.add_future(self._watch())
+
+        async def _watch(self) -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                if app.crashed and health.ok:
+                    await fail("faust", app.crash_reason or RuntimeError("the faust app crashed"))
+
+    def supervised(loop: str):  # noqa: ANN202
+        """An agent body whose failure stops the worker instead of faust restarting it past the record."""
+
+        def wrap(fun):  # noqa: ANN001, ANN202
+            @functools.wraps(fun)
+            async def body(stream):  # noqa: ANN001, ANN202
+                try:
+                    await fun(stream)
+                except Exception as exc:  # noqa: BLE001
+                    await fail(loop, exc)
+                    await asyncio.Event().wait()  # hold the failed record (not acknowledged) until the stop
+            return body
+
+        return wrap
 
     partials_topic = app.topic(topics.partials, value_serializer="raw", key_serializer="raw", partitions=1)
     periods_topic = app.topic(topics.periods, value_serializer="raw", key_serializer="raw", partitions=1)
@@ -119,8 +211,10 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
 
     snapshots_topic = app.topic(topics.snapshots, value_serializer="raw", key_serializer="raw", partitions=1)
     late_topic = app.topic(topics.late, value_serializer="raw", key_serializer="raw", partitions=1)
-    book = Book(app.Table("ledger-versions", default=None, partitions=1),
-                app.Table("ledger-pending", default=None, partitions=1),
+    def ledger_table(name: str) -> LedgerTable:  # as app.Table does it, with our class
+        return app.tables.add(LedgerTable(app, name=name, default=None, beacon=app.tables.beacon, partitions=1))
+
+    book = Book(ledger_table("ledger-versions"), ledger_table("ledger-pending"),
                 calendar=Calendar(settings.timezone), warning_state=settings.lifecycle.warning_state,
                 decimals=settings.money.decimals, config_version=config_version(settings, kpi_spec),
                 evaluate=kpi_evaluator(kpi_spec, settings) if kpi_spec is not None else None)
@@ -145,9 +239,13 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
                 await store.put(snap, raw, start)
 
     @app.agent(partials_topic)
+    @supervised("aggregate")
     async def aggregate(stream):  # noqa: ANN001, ANN202
         async for raw in stream:
-            msg = wire.decode_partials(raw)
+            try:
+                msg = wire.decode_partials(raw)
+            except (msgspec.DecodeError, TypeError) as err:
+                raise UndecodableRecord(f"undecodable record {position(stream)}: {err}") from None
             if isinstance(msg, wire.Partial):
                 aggregator.on_partial(msg)
                 continue
@@ -163,9 +261,10 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
                     book.commit(tx)
             aggregator.mark_published(ready)
 
-    late_decoder = Decoder(settings.money.decimals)
+    late_decoder = Decoder(settings.money.decimals, min_epoch_ms=settings.min_epoch_ms)
 
     @app.agent(late_topic)
+    @supervised("restate")
     async def restate(stream):  # noqa: ANN001, ANN202
         """Late events never change a closed period: they become restatements (new versions)."""
         async for batch in stream.take_events(1000, within=1.0):
@@ -209,8 +308,9 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
         return web.json(live.evaluate())
 
     @app.page("/healthz")
-    async def health(web, request):  # noqa: ANN001, ANN202
-        return web.json({"partitions": sorted(ingest.engines), "batches": ingest.batches})
+    async def healthz(web, request):  # noqa: ANN001, ANN202
+        status, body = health.status(partitions=sorted(ingest.engines), batches=ingest.batches)
+        return web.json(body, status=status)
 
     from agents.api import register_api
 

@@ -353,6 +353,11 @@ def operations() -> dashboard.Dashboard:
     lay.add(ts_panel("Watermark lag per worker", query("time() - kpimon_watermark_timestamp_seconds",
                                                        "{{instance}}"), unit="s",
                      description="Wall clock minus each worker's lowest partition watermark."), 12)
+    lay.add(ts_panel("Loop failures, trailing hour",
+                     query("sum by (loop) (increase(kpimon_loop_crashes_total[1h]))", "{{loop}}"),
+                     description="A failed ingest, aggregate, restate or faust loop stops its worker with exit "
+                                 "code 1 and /healthz answers 503 meanwhile (docs/operations.md). The process "
+                                 "exits within seconds, so a scrape may miss the count: watch restarts too."), 12)
 
     lay.row("Serving layer (Redis)")
     lay.add(ts_panel("Serving layer up per worker", query("kpimon_serving_up", "{{instance}}")).max(1), 8)

@@ -7,7 +7,7 @@ benchmarks; the worker calls :func:`ensure_topics` in a thread at start-up.
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import orjson
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -28,23 +28,34 @@ def _admin(bootstrap: str) -> KafkaAdminClient:
             time.sleep(0.2)
 
 
-def ensure_topics(bootstrap: str, topics: Topics, partitions: int) -> int:
-    """Create missing topics; return the partition count of the events topic.
+class TopicMismatch(RuntimeError):
+    """An existing topic has the wrong partition count; the message is one line naming it."""
+
+
+def ensure_topics(bootstrap: str, topics: Topics, partitions: int,
+                  extra: Mapping[str, tuple[int, Mapping[str, str]]] | None = None) -> int:
+    """Create missing topics, verify every partition count; return the partition count of the events topic.
 
     The state log gets the events topic's partition count (partition *p* of the
     log belongs to partition *p* of the input); the outputs get one partition.
+    ``extra`` maps further topic names (the faust Tables' changelogs) to their
+    partition count and topic configs.  A topic that exists with another
+    partition count than wanted raises :class:`TopicMismatch`: nothing is changed.
     """
     admin = _admin(bootstrap)
     try:
         existing = set(admin.list_topics())
         events_parts = partitions
         if topics.events in existing:
-            events_parts = len(_partitions(bootstrap, topics.events))
+            events_parts = _partition_counts(admin, [topics.events])[topics.events]
         wanted = {topics.events: events_parts, topics.state_log: events_parts}
         for name in topics.single_partition():
             wanted[name] = 1
         # The state log is the source of truth for recovery: never delete from it.
         configs = {topics.state_log: {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}}
+        for name, (n, cfg) in (extra or {}).items():
+            wanted[name] = n
+            configs[name] = dict(cfg)
         new = [NewTopic(name, n, 1, topic_configs=configs.get(name, {})) for name, n in wanted.items()
                if name not in existing]
         if new:
@@ -60,9 +71,32 @@ def ensure_topics(bootstrap: str, topics: Topics, partitions: int) -> int:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"topics not visible after creation: {sorted(set(wanted) - have)}")
             time.sleep(0.1)
+        # Verify them all, including the ones just created: another client (or a
+        # broker's auto-creation) may have created one first with other counts.
+        actual = _partition_counts(admin, list(wanted))
+        for name, n in wanted.items():
+            if actual[name] != n:
+                why = f" (as {topics.events})" if name == topics.state_log else ""
+                raise TopicMismatch(f"topic {name} has {actual[name]} partitions, expected {n}{why}; "
+                                    "kpimon does not change existing topics (docs/operations.md#topics)")
         return events_parts
     finally:
         admin.close()
+
+
+def _partition_counts(admin: KafkaAdminClient, names: list[str]) -> dict[str, int]:
+    """The partition count of each existing topic (waits briefly for metadata to show partitions)."""
+    deadline = time.monotonic() + 30
+    while True:
+        counts = {}
+        for desc in admin.describe_topics(names):
+            if desc.get("error_code", 0) == 0 and desc.get("partitions"):
+                counts[desc["name"]] = len(desc["partitions"])
+        if len(counts) == len(set(names)):
+            return counts
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no partitions for {sorted(set(names) - set(counts))}")
+        time.sleep(0.1)
 
 
 def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
@@ -74,21 +108,6 @@ def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
             admin.delete_topics(doomed)
     finally:
         admin.close()
-
-
-def _partitions(bootstrap: str, topic: str) -> set[int]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            parts = consumer.partitions_for_topic(topic)
-            if parts:
-                return parts
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no partitions for {topic}")
-            time.sleep(0.1)
-    finally:
-        consumer.close()
 
 
 def user_key(line: bytes) -> bytes | None:

@@ -44,6 +44,7 @@ def _family_names(registry: CollectorRegistry) -> tuple[set[str], set[str]]:
 def exported() -> tuple[set[str], set[str]]:
     """The metric names the product exports, from its own collectors on a fresh registry (nothing started)."""
     from agents.exporter import KpimonMetrics, StateCollector, new_registry
+    from agents.health import Health
     from agents.live_kpis import KpiCollector
     from agents.serving import ServingWriter
     from config.settings import from_mapping
@@ -54,6 +55,7 @@ def exported() -> tuple[set[str], set[str]]:
     registry.register(StateCollector(lambda: [], settings.money.decimals))
     registry.register(KpiCollector(lambda: None))
     ServingWriter(settings, registry)
+    Health(registry)
     return _family_names(registry)
 
 
