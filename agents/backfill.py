@@ -1,15 +1,36 @@
 """Backfill: a team's history through the real pipeline, end to end, into a report.
 
-Steps: a broker (the embedded Tansu unless one is given), fresh topics under a
-run-specific prefix, produce the file (bad lines too), write a watermark marker
-``--until`` into every partition, run the real worker (``kpimon worker`` in a
-child process, the same faust app and agents), wait until the aggregated
-watermark reaches ``--until``, stop the worker and build the report from
-``kpimon.periods``.
+Steps: sort the file by event time (below), a broker (the embedded Tansu unless
+one is given), fresh topics under a run-specific prefix, produce the sorted
+lines (bad lines too), write a watermark marker ``--until`` into every
+partition, run the real worker (``kpimon worker`` in a child process, the same
+faust app and agents), wait until the aggregated watermark reaches ``--until``,
+stop the worker and build the report from ``kpimon.periods``.
+
+Why sort: the worker runs on the event clock, and a partition's watermark is its
+newest accepted ``ts`` minus ``lateness``; an event older than that is refused
+as late.  A file in any other order than time order would lose most of its
+events that way.  Backfill knows the whole file, so it produces the lines in
+the total order ``(ts, raw line bytes)``: each partition (keyed by ``user_id``)
+then receives its events in time order, nothing is late, and the report is the
+same, byte for byte, for any order of the same lines.  Ties are broken by the
+raw bytes, not by the position in the file, so that when one ``event_id``
+occurs twice with different content, the one the dedup keeps does not depend on
+the file's order either.  Lines the decoder refuses go first, in byte order;
+the worker dead-letters them (``rejected`` in the report).
+
+The sort is an external merge sort, so files larger than memory work: the
+lines are read in chunks of about ``sort_memory`` bytes (``--sort-memory``),
+each chunk is sorted and spilled to a run file in the backfill's work
+directory, and the runs are merged with :func:`heapq.merge` (at most
+:data:`MERGE_FAN_IN` files open at once).  A file that fits in one chunk is
+sorted in memory.  The ``ts`` comes from the real decoder with the worker's
+settings (:func:`history_decoder`).
 """
 
 from __future__ import annotations
 
+import heapq
 import os
 import signal
 import subprocess
@@ -19,8 +40,9 @@ import time
 import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import orjson
 import yaml
@@ -37,9 +59,151 @@ class BackfillError(RuntimeError):
     pass
 
 
-def scan_max_ts(lines: Iterable[bytes], decimals: int = 2) -> int | None:
+SORT_MEMORY = 256 * 2**20  # bytes of one in-memory chunk of the sort (``--sort-memory``)
+RECORD_OVERHEAD = 150  # bytes of a record in memory besides its line (tuple, int, bytes header, list slot)
+MERGE_FAN_IN = 64  # run files merged at once
+
+# A sort record: (ts, line) for an event, (UNDECODABLE, line) for a line the decoder refuses.
+# Compared as tuples, the order is total and only depends on the lines themselves.
+SortRecord = tuple[int, bytes]
+UNDECODABLE = -(2**63)  # before any ts the decoder accepts (it refuses anything before its minimum)
+_key, _line = itemgetter(0), itemgetter(1)
+
+
+def _sort_chunk(chunk: list[SortRecord]) -> None:
+    """``chunk.sort()``, about twice as fast: two stable sorts on one plain key each."""
+    chunk.sort(key=_line)
+    chunk.sort(key=_key)
+
+
+def _spill(records: Iterable[SortRecord], workdir: str) -> str:
+    """Write sorted records to a new run file in ``workdir``; return its path."""
+    fd, path = tempfile.mkstemp(prefix="sort-run-", suffix=".txt", dir=workdir)
+    with os.fdopen(fd, "wb", buffering=1 << 20) as fh:
+        fh.writelines(b"%d %s\n" % rec for rec in records)
+    return path
+
+
+def _read_run(fh) -> Iterator[SortRecord]:  # noqa: ANN001 - a binary file
+    for rec in fh:
+        key, line = rec.split(b" ", 1)
+        yield int(key), line[:-1]
+
+
+def _merge_runs(paths: list[str], tail: list[SortRecord]) -> Iterator[SortRecord]:
+    with ExitStack() as stack:
+        files = [stack.enter_context(open(p, "rb", buffering=1 << 16)) for p in paths]
+        yield from heapq.merge(*map(_read_run, files), tail)
+
+
+def external_sort(records: Iterable[SortRecord], workdir: str, memory: int = SORT_MEMORY,
+                  fan_in: int = MERGE_FAN_IN, stats: dict[str, int] | None = None) -> Iterator[SortRecord]:
+    """``sorted(records)`` in bounded memory.
+
+    Chunks of about ``memory`` bytes are sorted and spilled to run files in
+    ``workdir``; the runs (and the last chunk, kept in memory) are merged with
+    :func:`heapq.merge`.  More than ``fan_in`` runs are first merged into
+    longer runs, so that at most ``fan_in`` files are open at once.  Input
+    that fits in one chunk never touches the disk.  The run files are removed
+    when the iterator is exhausted or closed.  Lines must not contain a newline.
+    ``stats["runs"]``, if given, receives the number of chunks spilled.
+    """
+    if memory < 1 or fan_in < 2:
+        raise ValueError("memory must be positive and fan_in at least 2")
+    runs: list[str] = []
+    try:
+        chunk: list[SortRecord] = []
+        size = 0
+        for rec in records:
+            line = rec[1]
+            if b"\n" in line:
+                raise ValueError("a line to sort contains a newline")
+            chunk.append(rec)
+            size += len(line) + RECORD_OVERHEAD
+            if size >= memory:
+                _sort_chunk(chunk)
+                runs.append(_spill(chunk, workdir))
+                chunk = []
+                size = 0
+        if stats is not None:
+            stats["runs"] = len(runs)
+        _sort_chunk(chunk)
+        while len(runs) > fan_in:
+            group, runs = runs[:fan_in], runs[fan_in:]
+            runs.append(_spill(_merge_runs(group, []), workdir))
+            for path in group:
+                os.remove(path)
+        yield from _merge_runs(runs, chunk) if runs else chunk
+    finally:
+        for path in runs:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+
+
+def history_decoder(settings: Any) -> Decoder:
+    """A decoder with the worker's settings (``money.decimals``; ``min_epoch_ms`` where configured)."""
+    kwargs = {}
+    if getattr(settings, "min_epoch_ms", None) is not None:
+        kwargs["min_epoch_ms"] = settings.min_epoch_ms
+    return Decoder(settings.money.decimals, **kwargs)
+
+
+@dataclass
+class SortedHistory:
+    """A history file in backfill order (see the module docstring); iterate once for the lines."""
+
+    first: SortRecord | None
+    rest: Iterator[SortRecord]  # the merge, started
+    count: int  # lines (bad ones included)
+    bad: int  # lines the decoder refuses; they come first
+    max_ts: int | None  # the latest ts not after the wall clock, as scan_max_ts
+    runs: int  # run files spilled (0: sorted in memory)
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self.first is None:
+            return
+        yield self.first[1]
+        for rec in self.rest:
+            yield rec[1]
+
+    def close(self) -> None:
+        """Remove the run files now (also done once the lines are exhausted)."""
+        self.rest.close()
+
+
+def sort_history(lines: Iterable[bytes], decoder: Decoder, workdir: str, memory: int = SORT_MEMORY,
+                 fan_in: int = MERGE_FAN_IN) -> SortedHistory:
+    """Read every line now (the first pass of the sort); the merged lines follow lazily."""
+    now = int(time.time() * 1000)
+    decode = decoder.decode
+    stats: dict[str, Any] = {"count": 0, "bad": 0, "max_ts": None, "runs": 0}
+
+    def records() -> Iterator[SortRecord]:
+        count = bad = 0
+        best = None
+        for line in lines:
+            count += 1
+            try:
+                ts = decode(line).ts
+            except Rejected:
+                bad += 1
+                yield UNDECODABLE, line
+                continue
+            if ts <= now and (best is None or ts > best):
+                best = ts
+            yield ts, line
+        stats.update(count=count, bad=bad, max_ts=best)
+
+    merged = external_sort(records(), workdir, memory, fan_in, stats)
+    first = next(merged, None)  # a sort yields nothing before it has read all input
+    return SortedHistory(first, merged, stats["count"], stats["bad"], stats["max_ts"], stats["runs"])
+
+
+def scan_max_ts(lines: Iterable[bytes], decimals: int = 2, min_epoch_ms: int | None = None) -> int | None:
     """The latest ts among the events the worker would accept (bad lines skipped)."""
-    dec = Decoder(decimals)
+    dec = Decoder(decimals) if min_epoch_ms is None else Decoder(decimals, min_epoch_ms=min_epoch_ms)
     dec.max_ts = int(time.time() * 1000)  # as the worker's max_future would, conservatively
     best = None
     for line in lines:
@@ -70,6 +234,24 @@ def write_config(data: dict[str, Any], directory: str) -> str:
     return path
 
 
+# The folder that holds kpimon's packages (agents/, config/, streams/) as this process imported them.
+_KPIMON_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def kpimon_command(*args: str) -> list[str]:
+    """The command line that runs ``kpimon ARGS`` in a child process: the same interpreter and kpimon.
+
+    ``-P`` keeps the child's working directory off its ``sys.path``, so a
+    user's own ``config.py``, ``agents/`` or ``streams/`` there cannot shadow
+    kpimon's packages (``python -m`` would put it first).  kpimon's own folder
+    is appended if the child would not find it otherwise (a checkout run
+    without installing).
+    """
+    boot = (f"import sys\nif {_KPIMON_ROOT!r} not in sys.path: sys.path.append({_KPIMON_ROOT!r})\n"
+            "from agents.cli import main\nmain()")
+    return [sys.executable, "-P", "-c", boot, *args]
+
+
 def spawn_worker(config_path: str, log_path: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """``kpimon worker --config PATH`` as a child process (its own process group)."""
     logf = open(log_path, "ab")
@@ -77,8 +259,7 @@ def spawn_worker(config_path: str, log_path: str, env: dict[str, str] | None = N
     for var in ("KPIMON_BROKER", "KPIMON_TOPIC_PREFIX", "KPIMON_WEB_PORT", "KPIMON_APP_ID"):
         full_env.pop(var, None)
     full_env.update(env or {})
-    return subprocess.Popen([sys.executable, "-m", "agents.cli", "worker", "--config", config_path],
-                            stdout=logf, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    return subprocess.Popen(kpimon_command("worker", "--config", config_path), stdout=logf, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
 
 
 def stop_worker(proc: subprocess.Popen, timeout: float = 20) -> None:
@@ -172,22 +353,31 @@ def build_report(closed: Iterable[wire.ClosedPeriod], watermark: wire.GlobalWate
 
 def run(path: str, settings: Any, *, until: str | None = None, broker: str | None = None,
         partitions: int | None = None, workdir: str | None = None, timeout_s: float = 3600,
-        on_produced: Callable[[int], None] | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Run a backfill and return the report (see README and docs/metrics.md)."""
+        sort_memory: int = SORT_MEMORY, on_produced: Callable[[int], None] | None = None,
+        log: Callable[[str], None] = lambda s: None) -> dict:
+    """Run a backfill and return the report (see README and docs/metrics.md).
+
+    The lines are produced in ``(ts, line)`` order whatever their order in the
+    file (see the module docstring); ``sort_memory`` bounds the sort's memory.
+    """
     from agents.runtime.ports import free_port
     from agents.runtime.tansu import TansuBroker
 
     partitions = partitions or settings.kafka.partitions
     until_ms = parse_instant(until) if until else None
-    if until_ms is None:
-        max_ts = scan_max_ts(admin.read_lines(path), settings.money.decimals)
-        if max_ts is None:
-            raise BackfillError(f"{path}: no valid event to backfill")
-        until_ms = max_ts - settings.lateness
     prefix = f"backfill-{uuid.uuid4().hex[:8]}."
     topics = Topics(prefix, settings.worker.app_id)
     with ExitStack() as stack:
         tmp = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="kpimon-backfill-"))
+        started = time.monotonic()
+        history = sort_history(admin.read_lines(path), history_decoder(settings), tmp, sort_memory)
+        stack.callback(history.close)  # removes the run files if the backfill stops early
+        log(f"sorted {history.count} lines by event time in {time.monotonic() - started:.1f} s "
+            f"({history.bad} undecodable first; {history.runs} runs spilled to disk)")
+        if until_ms is None:
+            if history.max_ts is None:
+                raise BackfillError(f"{path}: no valid event to backfill")
+            until_ms = history.max_ts - settings.lateness
         if broker is None:
             tansu = stack.enter_context(TansuBroker())
             bootstrap = tansu.bootstrap
@@ -195,7 +385,7 @@ def run(path: str, settings: Any, *, until: str | None = None, broker: str | Non
         else:
             bootstrap = broker.split("://", 1)[-1]
         admin.ensure_topics(bootstrap, topics, partitions)
-        n = admin.produce_lines(bootstrap, topics.events, admin.read_lines(path), on_produced)
+        n = admin.produce_lines(bootstrap, topics.events, iter(history), on_produced)
         admin.send_watermark(bootstrap, topics.events, partitions, until_ms)
         log(f"produced {n} lines to {topics.events} ({partitions} partitions)")
         cfg = write_config(worker_settings(settings, broker=f"kafka://{bootstrap}", prefix=prefix,

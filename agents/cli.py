@@ -44,15 +44,59 @@ def _kpi_spec(settings: Settings):  # noqa: ANN202 - config.kpis.KpiSpec | None
 @app.command()
 def worker(config: Optional[Path] = ConfigOpt,
            loglevel: str = typer.Option("info", help="Log level (debug, info, warning, error).")) -> None:
-    """Run the agents: ingest, lifecycle and periods, aggregation, /metrics."""
+    """Run the agents: ingest, lifecycle and periods, aggregation, /metrics.
+
+    Exit codes: 0 stopped (SIGTERM, Ctrl-C); 1 a loop failed, or the broker was unreachable at
+    start-up (a restart may help); 2 a configuration error, or an existing topic with the wrong
+    partition count (a restart does not help).
+    """
     import faust
 
-    from agents.app import create_app
+    from agents.app import create_app, internal_topics
+    from streams import admin
+    from streams.topics import Topics
 
     settings = _settings(config)
     faust_app = create_app(settings, kpi_spec=_kpi_spec(settings))
+    # Every topic exists with its partition count before any agent or consumer starts: on a fresh
+    # broker faust would otherwise subscribe first and the broker auto-create them (wrong counts).
+    bootstrap = settings.kafka.bootstrap
+    try:
+        admin.ensure_topics(bootstrap, Topics(settings.kafka.topic_prefix, settings.worker.app_id),
+                            settings.kafka.partitions, extra=internal_topics(faust_app))
+    except admin.TopicMismatch as exc:
+        err.print(f"[red]topic error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except Exception as exc:  # noqa: BLE001 - the broker is unreachable or refuses: say so in one line
+        err.print(f"[red]cannot prepare the topics on {bootstrap}:[/red] {type(exc).__name__}: {exc}",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     w = faust.Worker(faust_app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    faust_app.kpimon_on_fatal = _exit_on_fatal(w)
     w.execute_from_commandline()
+
+
+STOP_GRACE_S = 30.0  # after a loop failed: the graceful stop's time limit before the process is ended hard
+
+
+def _exit_on_fatal(w):  # noqa: ANN001, ANN202 - faust.Worker -> callback
+    """A loop failed: stop the worker as SIGTERM does, then exit with code 1 (the reason re-raised)."""
+    import signal
+    import threading
+
+    def force_exit() -> None:
+        sys.stderr.write(f"kpimon worker: not stopped within {STOP_GRACE_S:.0f}s after a failure; exiting (1)\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    def on_fatal(reason: BaseException) -> None:
+        w.crash_reason = reason  # mode's Worker re-raises it once stopped: exit code 1
+        timer = threading.Timer(STOP_GRACE_S, force_exit)
+        timer.daemon = True
+        timer.start()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    return on_fatal
 
 
 @app.command()
@@ -102,6 +146,20 @@ def send(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSO
     err.print(f"sent {n} events")
 
 
+LATE_EXIT = 3  # `kpimon backfill`: the worker refused events as late (the report lacks them)
+
+
+def _late_verdict(report: dict, allow_late: bool) -> tuple[Optional[str], int]:
+    """The warning and the exit code of a finished backfill: late refusals fail it unless allowed."""
+    late = report["events"]["late"]
+    if not late:
+        return None, 0
+    warning = (f"warning: the worker refused {late} events as late; the report does not count them. "
+               "A backfill sends the events in time order, so this should not happen; check the worker "
+               "log and the late topic.")
+    return warning, 0 if allow_late else LATE_EXIT
+
+
 @app.command()
 def backfill(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSON-lines history."),
              until: Optional[str] = typer.Option(None, help="Advance the clock to this instant (RFC 3339 or epoch "
@@ -110,8 +168,14 @@ def backfill(file: Path = typer.Argument(..., exists=True, dir_okay=False, help=
              broker_url: Optional[str] = typer.Option(None, "--broker",
                                                       help="Use this broker instead of the embedded one."),
              partitions: Optional[int] = typer.Option(None, help="Partitions of the fresh events topic."),
+             sort_memory: int = typer.Option(256, "--sort-memory", min=1,
+                                             help="MiB of memory for sorting the file by event time; larger "
+                                                  "files are sorted in runs on disk."),
+             allow_late: bool = typer.Option(False, "--allow-late",
+                                             help=f"Exit 0 even if events were refused as late (otherwise "
+                                                  f"{LATE_EXIT})."),
              config: Optional[Path] = ConfigOpt) -> None:
-    """Run a history file through the real pipeline and write the closed-period report."""
+    """Run a history file (in any order) through the real pipeline and write the closed-period report."""
     from rich.progress import Progress
 
     from agents import backfill as bf
@@ -123,7 +187,8 @@ def backfill(file: Path = typer.Argument(..., exists=True, dir_okay=False, help=
         with Progress(console=err, transient=True) as progress:
             task = progress.add_task("producing", total=total)
             report = bf.run(str(file), settings, until=until, broker=broker_url, partitions=partitions,
-                            on_produced=lambda k: progress.advance(task, k), log=err.print)
+                            sort_memory=sort_memory * 2**20, on_produced=lambda k: progress.advance(task, k),
+                            log=err.print)
     except (bf.BackfillError, ValueError) as exc:
         err.print(f"[red]backfill failed:[/red] {exc}")
         raise typer.Exit(1) from None
@@ -135,6 +200,11 @@ def backfill(file: Path = typer.Argument(..., exists=True, dir_okay=False, help=
         ev = report["events"]
         err.print(f"wrote {out}: {len(report['periods'])} closed periods; events accepted {ev['accepted']}, "
                   f"rejected {ev['rejected']}, duplicates {ev['duplicates']}, late {ev['late']}")
+    warning, code = _late_verdict(report, allow_late)
+    if warning is not None:
+        err.print(f"[bold red]{warning}[/bold red]", highlight=False)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -142,12 +212,15 @@ def demo(config: Optional[Path] = ConfigOpt,
          duration: Optional[float] = typer.Option(None, help="Stop after this many seconds (default: Ctrl-C)."),
          rate: float = typer.Option(200.0, help="Simulated events per second."),
          users: int = typer.Option(2000, help="Simulated user base."),
-         web_port: int = typer.Option(6066, help="Port of the worker's /metrics.")) -> None:
+         web_port: Optional[int] = typer.Option(None, help="Port of the worker's /metrics (default: worker.web_port "
+                                                           "of the configuration, or KPIMON_WEB_PORT).")) -> None:
     """Embedded broker + worker + simulated traffic on compressed time, with a live summary."""
-    from agents.demo import run_demo
+    from agents import demo as demo_mod
 
-    settings = _settings(config) if config else None
-    run_demo(settings, duration=duration, rate=rate, users=users, web_port=web_port, console=err)
+    # file, then environment (load applies KPIMON_*), then flags; config/demo.yaml without --config
+    settings = _settings(config if config is not None else demo_mod.DEMO_CONFIG)
+    demo_mod.run_demo(settings, duration=duration, rate=rate, users=users,
+                      web_port=settings.worker.web_port if web_port is None else web_port, console=err)
 
 
 from agents import cli_ledger  # noqa: E402,F401 - registers kpis, snapshots, scorecard, targets
