@@ -252,9 +252,12 @@ def _wait_ready(worker: Any, base_url: str, partitions: int, log_path: str, cons
 
 
 def run_demo(settings: Settings | None = None, duration: float | None = None, rate: float = 200.0,
-             users: int = 2000, web_port: int = 6066, console: Console | None = None,
+             users: int = 2000, web_port: int | None = None, console: Console | None = None,
              seed: int = 0) -> dict[str, Any]:
-    """Run the demo (see the module docstring); returns the last scraped figures."""
+    """Run the demo (see the module docstring); returns the last scraped figures.
+
+    ``settings``: default ``config/demo.yaml`` with the environment overrides;
+    ``web_port``: default ``settings.worker.web_port``."""
     from agents.runtime.ports import LOOPBACK, port_open
     from agents.runtime.tansu import TansuBroker
     from streams import admin
@@ -263,6 +266,8 @@ def run_demo(settings: Settings | None = None, duration: float | None = None, ra
     console = console or Console(stderr=True)
     if settings is None:
         settings = load(DEMO_CONFIG)
+    if web_port is None:
+        web_port = settings.worker.web_port
     if rate <= 0 or users <= 0:
         raise DemoError("demo: --rate and --users must be positive")
     if port_open(LOOPBACK, web_port):

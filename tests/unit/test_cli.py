@@ -1,0 +1,156 @@
+"""The command line: every command reads the file, then the environment, then its flags."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from typer.testing import CliRunner
+
+from agents import cli_ledger, demo
+from agents.cli import app
+
+
+@pytest.fixture(autouse=True)
+def _no_kpimon_environment(monkeypatch):
+    import os
+
+    for var in [v for v in os.environ if v.startswith("KPIMON_")]:
+        monkeypatch.delenv(var)
+
+
+def invoke(args, env=None):
+    return CliRunner().invoke(app, args, env=env or {}, catch_exceptions=False)
+
+
+def flat(text: str) -> str:
+    """Output without rich's line wrapping."""
+    return "".join(text.split())
+
+
+class _KpisServer:
+    """A stand-in worker: ``GET /api/kpis`` answers a scorecard naming this server."""
+
+    def __init__(self, name: str) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                outer.paths.append(self.path)
+                body = json.dumps({"as_of": name, "kpis": [], "owners": []}).encode()
+                self.send_response(200 if self.path == "/api/kpis" else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:  # noqa: ANN002
+                pass
+
+        self.paths: list[str] = []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def workers():
+    servers = {name: _KpisServer(name) for name in ("file", "env", "flag")}
+    yield servers
+    for s in servers.values():
+        s.close()
+
+
+def _asked(result) -> str:  # noqa: ANN001
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["as_of"]
+
+
+def test_kpis_reads_the_file_then_the_environment_then_the_flag(tmp_path, workers):
+    cfg = tmp_path / "kpimon.yaml"
+    cfg.write_text(f"worker: {{web_port: {workers['file'].port}}}\n")
+    assert _asked(invoke(["kpis", "--json", "--config", str(cfg)])) == "file"
+    assert _asked(invoke(["kpis", "--json"], env={"KPIMON_CONFIG": str(cfg)})) == "file"
+    env = {"KPIMON_WEB_PORT": str(workers["env"].port)}
+    assert _asked(invoke(["kpis", "--json", "--config", str(cfg)], env=env)) == "env"
+    flag = f"http://127.0.0.1:{workers['flag'].port}"
+    assert _asked(invoke(["kpis", "--json", "--config", str(cfg), "--worker", flag], env=env)) == "flag"
+    assert workers["file"].paths == ["/api/kpis", "/api/kpis"]
+
+
+def test_kpis_reports_a_bad_configuration(tmp_path):
+    cfg = tmp_path / "kpimon.yaml"
+    cfg.write_text("worker: {web_port: 6066}\n")
+    result = invoke(["kpis", "--config", str(cfg)], env={"KPIMON_WEB_PORT": "abc"})
+    assert result.exit_code == 2
+    assert flat(f"{cfg}: worker.web_port: Input should be a valid integer") in flat(result.output)
+
+
+@pytest.fixture
+def demo_calls(monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda settings, **kw: calls.append((settings, kw)))
+    return calls
+
+
+def test_demo_reads_the_file_then_the_environment_then_the_flag(tmp_path, demo_calls):
+    assert invoke(["demo"]).exit_code == 0
+    settings, kw = demo_calls[-1]
+    assert settings.source == str(demo.DEMO_CONFIG) and settings.worker.app_id == "kpimon-demo"
+    assert kw["web_port"] == 6066
+
+    assert invoke(["demo"], env={"KPIMON_WEB_PORT": "7123"}).exit_code == 0
+    assert demo_calls[-1][1]["web_port"] == 7123
+
+    cfg = tmp_path / "kpimon.yaml"
+    cfg.write_text("worker: {web_port: 7001}\n")
+    assert invoke(["demo", "--config", str(cfg)]).exit_code == 0
+    assert demo_calls[-1][1]["web_port"] == 7001
+    assert invoke(["demo", "--config", str(cfg)], env={"KPIMON_WEB_PORT": "7123"}).exit_code == 0
+    assert demo_calls[-1][1]["web_port"] == 7123
+    assert invoke(["demo", "--config", str(cfg), "--web-port", "7200"], env={"KPIMON_WEB_PORT": "7123"}).exit_code == 0
+    assert demo_calls[-1][1]["web_port"] == 7200
+
+
+def test_demo_reports_a_bad_environment_as_a_configuration_error(demo_calls):
+    result = invoke(["demo"], env={"KPIMON_WEB_PORT": "abc"})
+    assert result.exit_code == 2
+    assert flat(f"{demo.DEMO_CONFIG}: worker.web_port: Input should be a valid integer") in flat(result.output)
+    assert demo_calls == []
+
+
+# ----------------------------------------------------------------------------- CSV export of a snapshot
+
+SNAPSHOT = {
+    "version": 1, "hash": "sha256:abc",
+    "kpis": [{"kpi": "=HYPERLINK(\"http://x\",\"y\")", "actual": "-5.50", "target": "10", "attainment": "-0.5500",
+              "multiplier": "0.0000", "status": "off_track"}],
+    "owners": [{"owner": "@ana", "score": "0.0000", "multiplier": "0.0000",
+                "contributions": [{"kpi": "+cmd", "attainment": "-0.5500", "multiplier": "0.0000",
+                                   "status": "off_track", "weight": "1", "contribution": "-0"}]}],
+}
+
+
+def test_snapshot_csv_export_neutralises_formulas_and_keeps_negative_numbers(monkeypatch):
+    monkeypatch.setattr(cli_ledger, "_latest", lambda settings, grain, period: SNAPSHOT)
+    result = invoke(["snapshots", "export", "2024-02", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert all(line.startswith('"') and line.endswith('"') for line in lines)  # every cell quoted
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0][:3] == ["period", "version", "hash"]
+    kpi = dict(zip(rows[0], rows[1]))
+    assert kpi["id"] == "'=HYPERLINK(\"http://x\",\"y\")"
+    assert (kpi["actual"], kpi["attainment"]) == ("-5.50", "-0.5500")  # numbers, not formulas
+    assert rows[2][3:5] == ["owner", "'@ana"]
+    assert rows[3][3:5] == ["contribution:@ana", "'+cmd"]
+    assert rows[3][-1] == "-0"
