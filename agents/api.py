@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import hmac
 import logging
-
-import orjson
 from typing import Any
 
-from agents import serving
-from agents.core.lifecycle import STATES
-from agents.core.periods import Calendar
+import orjson
+
+from kpimon.agents import serving
+from kpimon.agents.core.lifecycle import STATES
+from kpimon.agents.core.periods import Calendar
 
 log = logging.getLogger("kpimon.api")
 
@@ -120,7 +120,7 @@ class ServingApi:
         return 200, {"grain": grain, "period": period, "versions": versions}, "json", {}
 
 
-def register_api(app: Any, ingest: Any, settings: Any) -> ServingApi:  # noqa: ARG001 - ingest: for later use
+def register_api(app: Any, ingest: Any, settings: Any) -> ServingApi:
     """Add ``/api/users/{user_id}`` and ``/api/at-risk`` to a faust app (call before the app starts)."""
     api = ServingApi(settings)
     if api._token is None:
@@ -132,15 +132,15 @@ def register_api(app: Any, ingest: Any, settings: Any) -> ServingApi:  # noqa: A
         return web.json(body, status=status, headers=headers or None)
 
     @app.page("/api/users/{user_id}", name="kpimon_api_user")
-    async def user_page(web, request, user_id):  # noqa: ANN001, ANN202
+    async def user_page(web, request, user_id):
         return reply(web, *(await api.user(request.headers.get("Authorization"), user_id)))
 
     @app.page("/api/at-risk", name="kpimon_api_at_risk")
-    async def at_risk_page(web, request):  # noqa: ANN001, ANN202
+    async def at_risk_page(web, request):
         return reply(web, *(await api.at_risk(request.headers.get("Authorization"), request.query)))
 
     @app.page("/api/snapshots/{grain}/{period}", name="kpimon_api_snapshots")
-    async def snapshots_page(web, request, grain, period):  # noqa: ANN001, ANN202
+    async def snapshots_page(web, request, grain, period):
         return reply(web, *(await api.snapshots(request.headers.get("Authorization"), grain, period)))
 
     app.kpimon_api = api

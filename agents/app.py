@@ -22,45 +22,45 @@ import functools
 import logging
 import os
 import tempfile
-from typing import Any, Callable
-
-import msgspec
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import faust
 import mode
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from agents.core.aggregate import Aggregator
-from agents.core.ledger import Book, canonical
-from agents.core.metrics import PeriodMetrics
-from agents.core.periods import Calendar
-from agents.exporter import KpimonMetrics, StateCollector, new_registry
-from agents.health import Health
-from agents.ingest import IngestService
-from agents.live_kpis import KpiCollector, LiveKpis
-from agents.snapshots import SnapshotStore
-from streams.events import Decoder, Rejected
-from streams import topics as wire
-from streams.topics import Topics
+from kpimon.agents.core.aggregate import Aggregator
+from kpimon.agents.core.ledger import Book, canonical
+from kpimon.agents.core.metrics import PeriodMetrics
+from kpimon.agents.core.periods import Calendar
+from kpimon.agents.exporter import KpimonMetrics, StateCollector, new_registry
+from kpimon.agents.health import Health
+from kpimon.agents.ingest import IngestService
+from kpimon.agents.live_kpis import KpiCollector, LiveKpis
+from kpimon.agents.snapshots import SnapshotStore
+from kpimon.streams import topics as wire
+from kpimon.streams.events import Decoder, Rejected
+from kpimon.streams.topics import Topics
 
 log = logging.getLogger("kpimon.app")
 
 
 def config_version(settings: Any, kpi_spec: Any) -> dict[str, str]:
     """What a snapshot was computed under: the engine settings' and the KPI spec's fingerprints."""
-    from agents.core.engine import EngineConfig
+    from kpimon.agents.core.engine import EngineConfig
 
     return {"settings": EngineConfig.from_settings(settings).fingerprint,
             "kpis": getattr(kpi_spec, "fingerprint", "") if kpi_spec is not None else ""}
 
 
-def kpi_evaluator(kpi_spec: Any, settings: Any):  # noqa: ANN201
+def kpi_evaluator(kpi_spec: Any, settings: Any):
     """The ledger's hook: KPI results and owner scores of a closed period."""
-    from agents.core.scorecard import evaluate_period
+    from kpimon.agents.core.scorecard import evaluate_period
 
     calendar = Calendar(settings.timezone)
 
-    def evaluate(grain: str, label: str, start: int, end: int, result: dict, prev: dict | None):  # noqa: ANN202
+    def evaluate(grain: str, label: str, start: int, end: int, result: dict, prev: dict | None):
         return evaluate_period(kpi_spec, grain, label, start, end, result, prev, calendar)
 
     return evaluate
@@ -70,7 +70,7 @@ class UndecodableRecord(Exception):
     """A record on an internal topic that this kpimon cannot decode (another version, or not kpimon's)."""
 
 
-def position(stream) -> str:  # noqa: ANN001
+def position(stream) -> str:
     """``topic[partition]@offset`` of the record a faust stream is processing."""
     event = stream.current_event
     if event is None:
@@ -90,8 +90,32 @@ class LedgerTable(faust.Table):
     before the worker starts: agents/cli.py, streams/admin.py.)
     """
 
-    def partition_for_key(self, key: Any) -> int:  # noqa: ARG002
+    def partition_for_key(self, key: Any) -> int:
         return 0
+
+
+if TYPE_CHECKING:
+
+    class KpimonApp(faust.App):
+        """The faust app with what :func:`create_app` binds on it, for the CLI, the tests and the type checker."""
+
+        kpimon_settings: Any
+        kpimon_ingest: IngestService
+        kpimon_registry: CollectorRegistry
+        kpimon_health: Health
+        kpimon_on_fatal: Callable[[BaseException], None] | None
+        kpimon_fail: Callable[[str, BaseException], Awaitable[None]]
+        kpimon_aggregator: Aggregator
+        kpimon_periods_topic: faust.types.TopicT
+        kpimon_book: Book
+        kpimon_live: LiveKpis | None
+        kpimon_snapshots_topic: faust.types.TopicT
+        kpimon_restate_agent: faust.types.AgentT
+        kpimon_aggregate_agent: faust.types.AgentT
+else:
+    # At run time the app stays a plain faust.App: a subclass would change the class-derived
+    # names faust and mode log under (the service label, the "faust.app.base" logger).
+    KpimonApp = faust.App
 
 
 def internal_topics(app: faust.App) -> dict[str, tuple[int, dict[str, str]]]:
@@ -100,7 +124,7 @@ def internal_topics(app: faust.App) -> dict[str, tuple[int, dict[str, str]]]:
             for table in app.tables.values()}
 
 
-def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:  # noqa: ANN001
+def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spec: Any = None) -> KpimonApp:
     topics = Topics(settings.kafka.topic_prefix, settings.worker.app_id)
     registry = registry or new_registry()
     metrics = KpimonMetrics(registry, settings.event_types, settings.channels, settings.money.decimals)
@@ -110,7 +134,7 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
     datadir = os.path.join(tempfile.gettempdir(), "kpimon-faust")
     os.makedirs(datadir, exist_ok=True)
 
-    app = faust.App(
+    app = KpimonApp(
         f"{settings.kafka.topic_prefix}{settings.worker.app_id}-agg",
         broker=settings.kafka.broker,
         store="memory://",
@@ -138,7 +162,7 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
     app.kpimon_health = health
     # How a loop's failure stops the process: `kpimon worker` sets this (agents/cli.py) to stop the
     # faust Worker with exit code 1.  Without it (tests, embedding) the faust app is crashed.
-    app.kpimon_on_fatal: Callable[[BaseException], None] | None = None
+    app.kpimon_on_fatal = None
 
     async def fail(loop: str, exc: BaseException) -> None:
         first = health.ok
@@ -183,15 +207,15 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
                 if app.crashed and health.ok:
                     await fail("faust", app.crash_reason or RuntimeError("the faust app crashed"))
 
-    def supervised(loop: str):  # noqa: ANN202
+    def supervised(loop: str):
         """An agent body whose failure stops the worker instead of faust restarting it past the record."""
 
-        def wrap(fun):  # noqa: ANN001, ANN202
+        def wrap(fun):
             @functools.wraps(fun)
-            async def body(stream):  # noqa: ANN001, ANN202
+            async def body(stream):
                 try:
                     await fun(stream)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001 - any failure of an agent body stops the worker
                     await fail(loop, exc)
                     await asyncio.Event().wait()  # hold the failed record (not acknowledged) until the stop
             return body
@@ -212,7 +236,9 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
     snapshots_topic = app.topic(topics.snapshots, value_serializer="raw", key_serializer="raw", partitions=1)
     late_topic = app.topic(topics.late, value_serializer="raw", key_serializer="raw", partitions=1)
     def ledger_table(name: str) -> LedgerTable:  # as app.Table does it, with our class
-        return app.tables.add(LedgerTable(app, name=name, default=None, beacon=app.tables.beacon, partitions=1))
+        table = LedgerTable(app, name=name, default=None, beacon=app.tables.beacon, partitions=1)
+        app.tables.add(table)
+        return table
 
     book = Book(ledger_table("ledger-versions"), ledger_table("ledger-pending"),
                 calendar=Calendar(settings.timezone), warning_state=settings.lifecycle.warning_state,
@@ -226,7 +252,7 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
     registry.register(KpiCollector(lambda: live if aggregator.has_live() else None))
     app.kpimon_snapshots_topic = snapshots_topic
 
-    async def publish(topic, key: str, value: bytes) -> None:  # noqa: ANN001
+    async def publish(topic, key: str, value: bytes) -> None:
         fut = await topic.send(key=key.encode(), value=value)
         await fut  # delivered before the state that produced it is marked published
 
@@ -240,7 +266,7 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
 
     @app.agent(partials_topic)
     @supervised("aggregate")
-    async def aggregate(stream):  # noqa: ANN001, ANN202
+    async def aggregate(stream):
         async for raw in stream:
             try:
                 msg = wire.decode_partials(raw)
@@ -265,7 +291,7 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
 
     @app.agent(late_topic)
     @supervised("restate")
-    async def restate(stream):  # noqa: ANN001, ANN202
+    async def restate(stream):
         """Late events never change a closed period: they become restatements (new versions)."""
         async for batch in stream.take_events(1000, within=1.0):
             events = []
@@ -281,7 +307,7 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
             await publish_snapshots(tx.snapshots)
             book.commit(tx)
 
-    def restatable(ev, headers: dict) -> bool:  # noqa: ANN001
+    def restatable(ev, headers: dict) -> bool:
         """A late event older than the dedup horizon may be a retry of an event counted long ago
         (its id left the dedup set): it cannot be told apart, so it is not restated."""
         try:
@@ -295,11 +321,11 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
     app.kpimon_aggregate_agent = aggregate
 
     @app.page("/metrics")
-    async def metrics_page(web, request):  # noqa: ANN001, ANN202
+    async def metrics_page(web, request):
         return web.bytes(generate_latest(registry), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
     @app.page("/api/kpis")
-    async def kpis_page(web, request):  # noqa: ANN001, ANN202
+    async def kpis_page(web, request):
         if live is None:
             return web.json({"error": "no KPI spec configured (kpis: in kpimon.yaml)"}, status=404)
         if not aggregator.has_live():
@@ -308,11 +334,11 @@ def create_app(settings: Any, registry=None, kpi_spec: Any = None) -> faust.App:
         return web.json(live.evaluate())
 
     @app.page("/healthz")
-    async def healthz(web, request):  # noqa: ANN001, ANN202
+    async def healthz(web, request):
         status, body = health.status(partitions=sorted(ingest.engines), batches=ingest.batches)
         return web.json(body, status=status)
 
-    from agents.api import register_api
+    from kpimon.agents.api import register_api
 
     register_api(app, ingest, settings)  # /api/users/{id}, /api/at-risk (bearer token)
     return app

@@ -38,21 +38,22 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import orjson
 import yaml
 
-from agents.core.metrics import PeriodMetrics
-from agents.core.periods import GRAINS, Calendar
-from streams import admin
-from streams import topics as wire
-from streams.events import Decoder, Rejected, format_money, parse_instant
-from streams.topics import Topics
+from kpimon.agents.core.metrics import PeriodMetrics
+from kpimon.agents.core.periods import GRAINS, Calendar
+from kpimon.streams import admin
+from kpimon.streams import topics as wire
+from kpimon.streams.events import Decoder, Rejected, format_money, parse_instant
+from kpimon.streams.topics import Topics
 
 
 class BackfillError(RuntimeError):
@@ -84,7 +85,7 @@ def _spill(records: Iterable[SortRecord], workdir: str) -> str:
     return path
 
 
-def _read_run(fh) -> Iterator[SortRecord]:  # noqa: ANN001 - a binary file
+def _read_run(fh) -> Iterator[SortRecord]:
     for rec in fh:
         key, line = rec.split(b" ", 1)
         yield int(key), line[:-1]
@@ -97,7 +98,7 @@ def _merge_runs(paths: list[str], tail: list[SortRecord]) -> Iterator[SortRecord
 
 
 def external_sort(records: Iterable[SortRecord], workdir: str, memory: int = SORT_MEMORY,
-                  fan_in: int = MERGE_FAN_IN, stats: dict[str, int] | None = None) -> Iterator[SortRecord]:
+                  fan_in: int = MERGE_FAN_IN, stats: dict[str, int] | None = None) -> Generator[SortRecord, None, None]:
     """``sorted(records)`` in bounded memory.
 
     Chunks of about ``memory`` bytes are sorted and spilled to run files in
@@ -155,7 +156,7 @@ class SortedHistory:
     """A history file in backfill order (see the module docstring); iterate once for the lines."""
 
     first: SortRecord | None
-    rest: Iterator[SortRecord]  # the merge, started
+    rest: Generator[SortRecord, None, None]  # the merge, started (closing it removes the run files)
     count: int  # lines (bad ones included)
     bad: int  # lines the decoder refuses; they come first
     max_ts: int | None  # the latest ts not after the wall clock, as scan_max_ts
@@ -234,22 +235,14 @@ def write_config(data: dict[str, Any], directory: str) -> str:
     return path
 
 
-# The folder that holds kpimon's packages (agents/, config/, streams/) as this process imported them.
-_KPIMON_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
 def kpimon_command(*args: str) -> list[str]:
-    """The command line that runs ``kpimon ARGS`` in a child process: the same interpreter and kpimon.
+    """The command line that runs ``kpimon ARGS`` in a child process, with this interpreter.
 
     ``-P`` keeps the child's working directory off its ``sys.path``, so a
-    user's own ``config.py``, ``agents/`` or ``streams/`` there cannot shadow
-    kpimon's packages (``python -m`` would put it first).  kpimon's own folder
-    is appended if the child would not find it otherwise (a checkout run
-    without installing).
+    user's own ``kpimon.py`` or ``kpimon/`` there cannot shadow the installed
+    package (``python -m`` would put it first).
     """
-    boot = (f"import sys\nif {_KPIMON_ROOT!r} not in sys.path: sys.path.append({_KPIMON_ROOT!r})\n"
-            "from agents.cli import main\nmain()")
-    return [sys.executable, "-P", "-c", boot, *args]
+    return [sys.executable, "-P", "-m", "kpimon", *args]
 
 
 def spawn_worker(config_path: str, log_path: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -259,7 +252,8 @@ def spawn_worker(config_path: str, log_path: str, env: dict[str, str] | None = N
     for var in ("KPIMON_BROKER", "KPIMON_TOPIC_PREFIX", "KPIMON_WEB_PORT", "KPIMON_APP_ID"):
         full_env.pop(var, None)
     full_env.update(env or {})
-    return subprocess.Popen(kpimon_command("worker", "--config", config_path), stdout=logf, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    return subprocess.Popen(kpimon_command("worker", "--config", config_path), stdout=logf, stderr=subprocess.STDOUT,
+                            env=full_env, start_new_session=True)
 
 
 def stop_worker(proc: subprocess.Popen, timeout: float = 20) -> None:
@@ -360,8 +354,8 @@ def run(path: str, settings: Any, *, until: str | None = None, broker: str | Non
     The lines are produced in ``(ts, line)`` order whatever their order in the
     file (see the module docstring); ``sort_memory`` bounds the sort's memory.
     """
-    from agents.runtime.ports import free_port
-    from agents.runtime.tansu import TansuBroker
+    from kpimon.agents.runtime.ports import free_port
+    from kpimon.agents.runtime.tansu import TansuBroker
 
     partitions = partitions or settings.kafka.partitions
     until_ms = parse_instant(until) if until else None

@@ -7,12 +7,11 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 
-from config.settings import ConfigError, Settings, load
+from kpimon.config.settings import ConfigError, Settings, load
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="kpimon: streaming KPI monitor for user operations (AARRR, lifecycle, KPI targets).")
@@ -27,14 +26,14 @@ def _config_error(exc: ConfigError) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _settings(path: Optional[Path]) -> Settings:
+def _settings(path: Path | None) -> Settings:
     try:
         return load(path)
     except ConfigError as exc:
         raise _config_error(exc) from None
 
 
-def _kpi_spec(settings: Settings):  # noqa: ANN202 - config.kpis.KpiSpec | None
+def _kpi_spec(settings: Settings):
     try:
         return settings.load_kpis()
     except ConfigError as exc:
@@ -42,7 +41,7 @@ def _kpi_spec(settings: Settings):  # noqa: ANN202 - config.kpis.KpiSpec | None
 
 
 @app.command()
-def worker(config: Optional[Path] = ConfigOpt,
+def worker(config: Path | None = ConfigOpt,
            loglevel: str = typer.Option("info", help="Log level (debug, info, warning, error).")) -> None:
     """Run the agents: ingest, lifecycle and periods, aggregation, /metrics.
 
@@ -52,9 +51,9 @@ def worker(config: Optional[Path] = ConfigOpt,
     """
     import faust
 
-    from agents.app import create_app, internal_topics
-    from streams import admin
-    from streams.topics import Topics
+    from kpimon.agents.app import create_app, internal_topics
+    from kpimon.streams import admin
+    from kpimon.streams.topics import Topics
 
     settings = _settings(config)
     faust_app = create_app(settings, kpi_spec=_kpi_spec(settings))
@@ -79,7 +78,7 @@ def worker(config: Optional[Path] = ConfigOpt,
 STOP_GRACE_S = 30.0  # after a loop failed: the graceful stop's time limit before the process is ended hard
 
 
-def _exit_on_fatal(w):  # noqa: ANN001, ANN202 - faust.Worker -> callback
+def _exit_on_fatal(w):
     """A loop failed: stop the worker as SIGTERM does, then exit with code 1 (the reason re-raised)."""
     import signal
     import threading
@@ -106,16 +105,23 @@ def broker(port: int = typer.Option(9092, help="Port on 127.0.0.1."),
     import signal
     import time
 
-    def _stop(signum, frame):  # noqa: ANN001, ARG001 - SIGTERM stops the broker like Ctrl-C
+    def _stop(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
 
+    from kpimon.agents.runtime.kafka_common import KafkaBrokerProcess
+
+    broker_cls: type[KafkaBrokerProcess]
     if apache:
-        from agents.runtime.apache_kafka import ApacheKafka as Broker
+        from kpimon.agents.runtime.apache_kafka import ApacheKafka
+
+        broker_cls = ApacheKafka
     else:
-        from agents.runtime.tansu import TansuBroker as Broker
-    with Broker(port=port) as b:
+        from kpimon.agents.runtime.tansu import TansuBroker
+
+        broker_cls = TansuBroker
+    with broker_cls(port=port) as b:
         err.print(f"broker ready on [bold]{b.bootstrap}[/bold] (KPIMON_BROKER=kafka://{b.bootstrap})")
         try:
             while b.running:
@@ -126,13 +132,13 @@ def broker(port: int = typer.Option(9092, help="Port on 127.0.0.1."),
 
 @app.command()
 def send(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSON-lines events."),
-         config: Optional[Path] = ConfigOpt,
-         broker_url: Optional[str] = typer.Option(None, "--broker", help="Override kafka.broker.")) -> None:
+         config: Path | None = ConfigOpt,
+         broker_url: str | None = typer.Option(None, "--broker", help="Override kafka.broker.")) -> None:
     """Produce JSON-lines events to kpimon.events, keyed by user_id."""
     from rich.progress import Progress
 
-    from streams import admin
-    from streams.topics import Topics
+    from kpimon.streams import admin
+    from kpimon.streams.topics import Topics
 
     settings = _settings(config)
     bootstrap = (broker_url or settings.kafka.broker).split("://", 1)[-1]
@@ -149,7 +155,7 @@ def send(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSO
 LATE_EXIT = 3  # `kpimon backfill`: the worker refused events as late (the report lacks them)
 
 
-def _late_verdict(report: dict, allow_late: bool) -> tuple[Optional[str], int]:
+def _late_verdict(report: dict, allow_late: bool) -> tuple[str | None, int]:
     """The warning and the exit code of a finished backfill: late refusals fail it unless allowed."""
     late = report["events"]["late"]
     if not late:
@@ -162,24 +168,24 @@ def _late_verdict(report: dict, allow_late: bool) -> tuple[Optional[str], int]:
 
 @app.command()
 def backfill(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSON-lines history."),
-             until: Optional[str] = typer.Option(None, help="Advance the clock to this instant (RFC 3339 or epoch "
+             until: str | None = typer.Option(None, help="Advance the clock to this instant (RFC 3339 or epoch "
                                                             "ms) once the input is consumed."),
-             out: Optional[Path] = typer.Option(None, help="Write the JSON report here (default: stdout)."),
-             broker_url: Optional[str] = typer.Option(None, "--broker",
+             out: Path | None = typer.Option(None, help="Write the JSON report here (default: stdout)."),
+             broker_url: str | None = typer.Option(None, "--broker",
                                                       help="Use this broker instead of the embedded one."),
-             partitions: Optional[int] = typer.Option(None, help="Partitions of the fresh events topic."),
+             partitions: int | None = typer.Option(None, help="Partitions of the fresh events topic."),
              sort_memory: int = typer.Option(256, "--sort-memory", min=1,
                                              help="MiB of memory for sorting the file by event time; larger "
                                                   "files are sorted in runs on disk."),
              allow_late: bool = typer.Option(False, "--allow-late",
                                              help=f"Exit 0 even if events were refused as late (otherwise "
                                                   f"{LATE_EXIT})."),
-             config: Optional[Path] = ConfigOpt) -> None:
+             config: Path | None = ConfigOpt) -> None:
     """Run a history file (in any order) through the real pipeline and write the closed-period report."""
     from rich.progress import Progress
 
-    from agents import backfill as bf
-    from streams import admin
+    from kpimon.agents import backfill as bf
+    from kpimon.streams import admin
 
     settings = _settings(config)
     total = sum(1 for _ in admin.read_lines(str(file)))
@@ -208,14 +214,14 @@ def backfill(file: Path = typer.Argument(..., exists=True, dir_okay=False, help=
 
 
 @app.command()
-def demo(config: Optional[Path] = ConfigOpt,
-         duration: Optional[float] = typer.Option(None, help="Stop after this many seconds (default: Ctrl-C)."),
+def demo(config: Path | None = ConfigOpt,
+         duration: float | None = typer.Option(None, help="Stop after this many seconds (default: Ctrl-C)."),
          rate: float = typer.Option(200.0, help="Simulated events per second."),
          users: int = typer.Option(2000, help="Simulated user base."),
-         web_port: Optional[int] = typer.Option(None, help="Port of the worker's /metrics (default: worker.web_port "
+         web_port: int | None = typer.Option(None, help="Port of the worker's /metrics (default: worker.web_port "
                                                            "of the configuration, or KPIMON_WEB_PORT).")) -> None:
     """Embedded broker + worker + simulated traffic on compressed time, with a live summary."""
-    from agents import demo as demo_mod
+    from kpimon.agents import demo as demo_mod
 
     # file, then environment (load applies KPIMON_*), then flags; config/demo.yaml without --config
     settings = _settings(config if config is not None else demo_mod.DEMO_CONFIG)
@@ -223,8 +229,7 @@ def demo(config: Optional[Path] = ConfigOpt,
                       web_port=settings.worker.web_port if web_port is None else web_port, console=err)
 
 
-from agents import cli_ledger  # noqa: E402,F401 - registers kpis, snapshots, scorecard, targets
-
+from kpimon.agents import cli_ledger  # noqa: E402,F401 - registers kpis, snapshots, scorecard, targets
 
 users_app = typer.Typer(no_args_is_help=True, help="Per-user serving layer in Redis (lifecycle state, at-risk lists).")
 
@@ -232,14 +237,14 @@ users_app = typer.Typer(no_args_is_help=True, help="Per-user serving layer in Re
 @users_app.command("at-risk")
 def users_at_risk(state: str = typer.Option(..., "--state", help="active, silent, sleeping, churned or dead."),
                   fmt: str = typer.Option("csv", "--format", help="csv or json."),
-                  limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many users."),
-                  config: Optional[Path] = ConfigOpt) -> None:
+                  limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many users."),
+                  config: Path | None = ConfigOpt) -> None:
     """Export the users in a lifecycle state for outreach, longest inactive first (reads Redis)."""
     import asyncio
 
-    from agents import serving
-    from agents.core.lifecycle import STATES
-    from agents.core.periods import Calendar
+    from kpimon.agents import serving
+    from kpimon.agents.core.lifecycle import STATES
+    from kpimon.agents.core.periods import Calendar
 
     settings = _settings(config)
     if state not in STATES or fmt not in ("csv", "json"):
@@ -263,16 +268,16 @@ def users_at_risk(state: str = typer.Option(..., "--state", help="active, silent
 
 
 @users_app.command("get")
-def users_get(user_id: str = typer.Argument(..., help="The user_id."), config: Optional[Path] = ConfigOpt) -> None:
+def users_get(user_id: str = typer.Argument(..., help="The user_id."), config: Path | None = ConfigOpt) -> None:
     """One user's serving state as JSON (reads Redis)."""
     import asyncio
 
-    from agents import serving
-    from agents.core.periods import Calendar
+    from kpimon.agents import serving
+    from kpimon.agents.core.periods import Calendar
 
     settings = _settings(config)
 
-    async def run() -> Optional[dict]:
+    async def run() -> dict | None:
         client = serving.connect(settings.redis.url)
         try:
             return await serving.get_user(client, settings.redis.key_prefix, user_id)
@@ -301,6 +306,6 @@ def main() -> None:
 if __name__ == "__main__":
     # Run through the importable module so that sub-commands registered on
     # ``agents.cli.app`` by other modules (agents.cli_ledger) are present.
-    from agents.cli import main as _main
+    from kpimon.agents.cli import main as _main
 
     _main()

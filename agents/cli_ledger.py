@@ -9,17 +9,17 @@ import urllib.error
 import urllib.request
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from agents import csvsafe
-from agents.cli import ConfigOpt, _kpi_spec, _settings, app, err
-from agents.core.periods import Calendar
-from agents.snapshots import list_periods, read_versions
-from streams.events import parse_instant
+from kpimon.agents import csvsafe
+from kpimon.agents.cli import ConfigOpt, _kpi_spec, _settings, app, err
+from kpimon.agents.core.periods import Calendar
+from kpimon.agents.snapshots import list_periods, read_versions
+from kpimon.streams.events import parse_instant
 
 snapshots_app = typer.Typer(help="The period-close ledger: every version of every closed period.", no_args_is_help=True)
 targets_app = typer.Typer(help="Targets from history.", no_args_is_help=True)
@@ -28,7 +28,7 @@ app.add_typer(targets_app, name="targets")
 out = Console()
 
 
-def _redis(settings: Any):  # noqa: ANN202
+def _redis(settings: Any):
     import redis
 
     client = redis.Redis.from_url(settings.redis.url, socket_timeout=5, socket_connect_timeout=5)
@@ -73,11 +73,11 @@ def worker_url(settings: Any) -> str:
 
 
 @app.command()
-def kpis(worker: Optional[str] = typer.Option(None, help="URL of the worker running the aggregation (default: "
+def kpis(worker: str | None = typer.Option(None, help="URL of the worker running the aggregation (default: "
                                                          "http://<worker.web_host>:<worker.web_port> of the "
                                                          "configuration, after KPIMON_WEB_HOST/KPIMON_WEB_PORT)."),
          as_json: bool = typer.Option(False, "--json", help="Print the raw evaluation."),
-         config: Optional[Path] = ConfigOpt) -> None:
+         config: Path | None = ConfigOpt) -> None:
     """Live scorecard of the open periods (from the worker's /api/kpis)."""
     if worker is None:
         worker = worker_url(_settings(config))
@@ -112,8 +112,8 @@ def kpis(worker: Optional[str] = typer.Option(None, help="URL of the worker runn
 
 
 @snapshots_app.command("list")
-def snapshots_list(grain: Optional[str] = typer.Option(None, help="day, week, month, quarter or year."),
-                   config: Optional[Path] = ConfigOpt) -> None:
+def snapshots_list(grain: str | None = typer.Option(None, help="day, week, month, quarter or year."),
+                   config: Path | None = ConfigOpt) -> None:
     """Closed periods in the ledger with their latest version."""
     settings = _settings(config)
     table = Table()
@@ -126,8 +126,8 @@ def snapshots_list(grain: Optional[str] = typer.Option(None, help="day, week, mo
 
 @snapshots_app.command("show")
 def snapshots_show(period: str = typer.Argument(..., help="Period label: 2024-03-14, 2024-W11, 2024-03, 2024-Q1, 2024"),
-                   version: Optional[int] = typer.Option(None, help="A version (default: all)."),
-                   config: Optional[Path] = ConfigOpt) -> None:
+                   version: int | None = typer.Option(None, help="A version (default: all)."),
+                   config: Path | None = ConfigOpt) -> None:
     """Every version of one period's snapshot (JSON)."""
     settings = _settings(config)
     versions = read_versions(_redis(settings), _prefix(settings), _grain_of(period), period)
@@ -142,7 +142,7 @@ def snapshots_show(period: str = typer.Argument(..., help="Period label: 2024-03
 @snapshots_app.command("export")
 def snapshots_export(period: str = typer.Argument(...),
                      fmt: str = typer.Option("json", "--format", help="json or csv"),
-                     config: Optional[Path] = ConfigOpt) -> None:
+                     config: Path | None = ConfigOpt) -> None:
     """The latest version of a period: JSON, or CSV rows of its KPIs and owners' contributions."""
     settings = _settings(config)
     snap = _latest(settings, _grain_of(period), period)
@@ -171,7 +171,7 @@ def snapshots_export(period: str = typer.Argument(...),
 @app.command()
 def scorecard(owner: str = typer.Option(..., help="Owner id from the KPI spec."),
               period: str = typer.Option(..., help="A closed period, e.g. 2024-03."),
-              config: Optional[Path] = ConfigOpt) -> None:
+              config: Path | None = ConfigOpt) -> None:
     """An owner's KPIs, contributions and bonus multiplier for a closed period (latest version)."""
     settings = _settings(config)
     snap = _latest(settings, _grain_of(period), period)
@@ -195,11 +195,11 @@ def scorecard(owner: str = typer.Option(..., help="Owner id from the KPI spec.")
 def targets_suggest(kpi: str = typer.Option(..., help="KPI id."),
                     periods: int = typer.Option(3, "--periods", "-n", help="How many closed periods to average."),
                     haircut: float = typer.Option(0.10, help="Taken off the mean (added for lower-is-better)."),
-                    seasonal: Optional[str] = typer.Option(None, help="Seasonal reference: scale by this period's "
+                    seasonal: str | None = typer.Option(None, help="Seasonal reference: scale by this period's "
                                                                       "actual over the mean."),
-                    config: Optional[Path] = ConfigOpt) -> None:
+                    config: Path | None = ConfigOpt) -> None:
     """Propose the next period's target from closed snapshots, as YAML to paste into the KPI spec."""
-    from agents.core.kpi import suggest_target
+    from kpimon.agents.core.kpi import suggest_target
 
     settings = _settings(config)
     spec = _kpi_spec(settings)
@@ -212,7 +212,7 @@ def targets_suggest(kpi: str = typer.Option(..., help="KPI id."),
         err.print(f"[red]no KPI {kpi!r} in the spec[/red] ({', '.join(x.id for x in spec.kpis)})")
         raise typer.Exit(2) from None
     client = _redis(settings)
-    rows: list[tuple[str, int, Any]] = []  # (period, end, actual), oldest first
+    rows: list[tuple[str, str, Any]] = []  # (period, end as RFC 3339, actual), oldest first
     for g, p, _ in list_periods(client, _prefix(settings), str(k.grain)):
         snap = read_versions(client, _prefix(settings), g, p)[-1]
         row = next((r for r in snap["kpis"] if r["kpi"] == kpi), None)
@@ -231,7 +231,7 @@ def targets_suggest(kpi: str = typer.Option(..., help="KPI id."),
         base = [Fraction(str(a)) for _, _, a in rows[max(0, i - periods):i]]
         ratio = Fraction(str(rows[i][2])) / (sum(base) / len(base))
     cal = Calendar(settings.timezone)
-    following = cal.period_at(parse_instant(rows[-1][1]), str(k.grain)).label
+    following = cal.period_at(parse_instant(rows[-1][1]), k.grain).label
     suggestion = suggest_target([a for _, _, a in rows], n=periods, haircut=str(haircut), seasonal_reference=ratio,
-                                direction=str(k.direction), kpi_id=kpi, label=following)
+                                direction=k.direction, kpi_id=kpi, label=following)
     sys.stdout.write(suggestion.yaml + ("" if suggestion.yaml.endswith("\n") else "\n"))

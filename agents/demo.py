@@ -28,9 +28,10 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
@@ -41,10 +42,10 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from agents.backfill import spawn_worker, stop_worker, worker_settings, write_config
-from agents.core.lifecycle import STATES
-from agents.simulator import Simulator, bad_line, time_scale_for
-from config.settings import Settings, load
+from kpimon.agents.backfill import spawn_worker, stop_worker, worker_settings, write_config
+from kpimon.agents.core.lifecycle import STATES
+from kpimon.agents.simulator import Simulator, bad_line, time_scale_for
+from kpimon.config.settings import Settings, load
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
 WARMUP_DAYS = 120.0  # simulated days before the demo starts: an established user base
@@ -210,7 +211,7 @@ def _sigterm_stops() -> Iterator[None]:
         yield
         return
 
-    def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
+    def handler(signum: int, frame: Any) -> None:
         raise _Stop()
 
     old = signal.signal(signal.SIGTERM, handler)
@@ -258,10 +259,10 @@ def run_demo(settings: Settings | None = None, duration: float | None = None, ra
 
     ``settings``: default ``config/demo.yaml`` with the environment overrides;
     ``web_port``: default ``settings.worker.web_port``."""
-    from agents.runtime.ports import LOOPBACK, port_open
-    from agents.runtime.tansu import TansuBroker
-    from streams import admin
-    from streams.topics import Topics
+    from kpimon.agents.runtime.ports import LOOPBACK, port_open
+    from kpimon.agents.runtime.tansu import TansuBroker
+    from kpimon.streams import admin
+    from kpimon.streams.topics import Topics
 
     console = console or Console(stderr=True)
     if settings is None:

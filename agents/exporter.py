@@ -11,17 +11,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agents.core.engine import WINDOW_NAMES, PartitionEngine
-from agents.core.lifecycle import STATES
-from agents.core.metrics import ADDITIVE, DISTINCT
-from streams.events import Reason
+from kpimon.agents.core.engine import WINDOW_NAMES, PartitionEngine
+from kpimon.agents.core.lifecycle import STATES
+from kpimon.agents.core.metrics import ADDITIVE, DISTINCT
+from kpimon.streams.events import Reason
 
 PERIOD_METRICS = tuple(m for m in (*DISTINCT, *ADDITIVE) if m not in ("won_back_churned", "won_back_dead")) + (
     "won_back",
@@ -103,10 +103,10 @@ class StateCollector(Collector):
         self._engines = engines
         self._unit = 10**decimals
 
-    def describe(self):  # noqa: ANN201 - prometheus_client protocol
+    def describe(self):
         return []
 
-    def collect(self):  # noqa: ANN201
+    def collect(self):
         engines = [e for e in self._engines() if e.cursor is not None]
         yield _summed("kpimon_lifecycle_users", "Users per lifecycle state as of the watermark", "state", STATES,
                       [e.population() for e in engines])

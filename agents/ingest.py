@@ -24,19 +24,20 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
 from operator import attrgetter
-from typing import Any, Iterable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from agents import statelog
-from agents.core.engine import EngineConfig, PartitionEngine
-from agents.exporter import KpimonMetrics, Tally
-from streams import admin
-from streams import topics as wire
-from streams.events import INVITE, PURCHASE, REFUND, SIGNUP, Decoder, Event, Reason, Rejected
-from streams.topics import Topics
+from kpimon.agents import statelog
+from kpimon.agents.core.engine import EngineConfig, PartitionEngine
+from kpimon.agents.exporter import KpimonMetrics, Tally
+from kpimon.streams import admin
+from kpimon.streams import topics as wire
+from kpimon.streams.events import INVITE, PURCHASE, REFUND, SIGNUP, Decoder, Event, Reason, Rejected
+from kpimon.streams.topics import Topics
 
 log = logging.getLogger("kpimon.ingest")
 
@@ -66,7 +67,7 @@ class Batch:
 
 
 def process_messages(engine: PartitionEngine, decoder: Decoder, msgs: list[ConsumerRecord], pos: int,
-                     start: int, clock: int | None, channel_label) -> tuple[Batch, int]:  # noqa: ANN001
+                     start: int, clock: int | None, channel_label) -> tuple[Batch, int]:
     """Process ``msgs[pos:]`` up to a watermark marker or the size limit.
 
     ``start`` is the source offset the record begins at (the end of the
@@ -126,9 +127,9 @@ def process_messages(engine: PartitionEngine, decoder: Decoder, msgs: list[Consu
         elif code == INVITE:
             tally.invites += 1
     rejected: dict[str, int] = {}
-    for _, rej in dlq:
-        rejected[rej.reason.value] = rejected.get(rej.reason.value, 0) + 1
-        totals.add_rejected(rej.reason.value)
+    for _, refusal in dlq:
+        rejected[refusal.reason.value] = rejected.get(refusal.reason.value, 0) + 1
+        totals.add_rejected(refusal.reason.value)
     tally.rejected = rejected
     if late_idx:
         wm = engine.wm
@@ -146,13 +147,13 @@ class _Listener(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         try:
             await self.service.release([tp.partition for tp in revoked])
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001 - kept for the poll loop to raise (aiokafka would swallow it)
             self.service.fatal = err
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         try:
             await self.service.recover([tp.partition for tp in assigned])
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001 - kept for the poll loop to raise (aiokafka would swallow it)
             self.service.fatal = err
 
 
@@ -167,7 +168,7 @@ class IngestService:
         self.metrics = metrics
         # The serving layer in Redis (agents/serving.py): fed after each state-log record is acknowledged.
         if serving is None and settings.redis.enabled:
-            from agents.serving import ServingWriter
+            from kpimon.agents.serving import ServingWriter
 
             serving = ServingWriter(settings, metrics.registry if metrics is not None else None)
         self.serving = serving or None
@@ -218,7 +219,7 @@ class IngestService:
         async with self._lock:
             try:
                 await self.settle()
-            except Exception:  # noqa: BLE001 - stopping anyway; the state log is the truth
+            except Exception:
                 log.exception("writes in flight failed while stopping")
             if self.serving is not None:
                 await self.serving.stop()  # what it cannot write, the partitions' next owner rewrites
@@ -252,7 +253,7 @@ class IngestService:
                 # recovery; committed offsets only serve lag tooling.
                 try:
                     await asyncio.wait_for(self.consumer.commit(commit), timeout=10)
-                except Exception as err:  # noqa: BLE001
+                except Exception as err:  # noqa: BLE001 - best effort: the state log, not the commit, is the truth
                     log.info("offset commit skipped: %s", err)
 
     # ------------------------------------------------------------------ process
@@ -418,7 +419,7 @@ class IngestService:
             # Serving layer: track the users changed past the offset Redis reflects (agents/serving.py).
             serving = None
             if self.serving is not None:
-                from agents.serving import Recovery
+                from kpimon.agents.serving import Recovery
 
                 serving = await Recovery.begin(self.serving, partitions)
             log_end = dict.fromkeys(partitions, 0)  # state-log position reached per partition
@@ -457,7 +458,7 @@ class IngestService:
                          p, rp.applied, rp.skipped, rp.offset, engine.user_count())
             log.info("recovered %d partitions in %.2fs", len(partitions), time.monotonic() - started)
 
-    async def _read_state_log(self, partitions: list[int]):  # noqa: ANN202 - async generator
+    async def _read_state_log(self, partitions: list[int]):
         """Yield (partition, state-log offset, Record) for every state-log record of these partitions, in order."""
         tps = [TopicPartition(self.topics.state_log, p) for p in partitions]
         reader = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap, enable_auto_commit=False,

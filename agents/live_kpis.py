@@ -9,16 +9,17 @@ are not double counted across workers.  Other workers export none.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agents.core.aggregate import Aggregator
-from agents.core.ledger import Book
-from agents.core.periods import Calendar
-from agents.core.scorecard import evaluate_period
-from streams.events import format_money
+from kpimon.agents.core.aggregate import Aggregator
+from kpimon.agents.core.ledger import Book
+from kpimon.agents.core.periods import Calendar
+from kpimon.agents.core.scorecard import evaluate_period
+from kpimon.streams.events import format_money
 
 STATUSES = ("on_track", "at_risk", "off_track", "no_data", "no_target")
 
@@ -46,7 +47,10 @@ class LiveKpis:
     def evaluate(self) -> dict[str, Any]:
         view = self.aggregator.live_view()
         now = self.now_ms(view)
-        money = lambda v: format_money(v, self.settings.money.decimals)  # noqa: E731
+
+        def money(v: int) -> str:
+            return format_money(v, self.settings.money.decimals)
+
         kpis: list[dict] = []
         owners: list[dict] = []
         for grain, (label, start, end, metrics) in sorted(view.items()):

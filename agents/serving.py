@@ -107,11 +107,11 @@ from typing import Any
 import msgspec
 import orjson
 
-from agents import csvsafe, statelog
-from agents.core.engine import WINDOWS, PartitionEngine
-from agents.core.lifecycle import STATES, Ladder, Thresholds
-from streams.events import PURCHASE, REFUND, format_money
-from streams.topics import Topics
+from kpimon.agents import csvsafe, statelog
+from kpimon.agents.core.engine import WINDOWS, PartitionEngine
+from kpimon.agents.core.lifecycle import STATES, Ladder, Thresholds
+from kpimon.streams.events import PURCHASE, REFUND, format_money
+from kpimon.streams.topics import Topics
 
 log = logging.getLogger("kpimon.serving")
 _msgpack = msgspec.msgpack.Encoder()
@@ -387,7 +387,7 @@ class ServingWriter:
 
     # ------------------------------------------------------------------- write
     def _take(self) -> list[tuple[int, int, Update]]:
-        items = []
+        items: list[tuple[int, int, Update]] = []
         for p in list(self.queues):
             if p in self.resyncing:
                 continue
@@ -476,7 +476,7 @@ class ServingWriter:
                 if not self.up:
                     await self.client.ping()  # cheap: do not encode a large backlog for a Redis still down
                 results = await self._apply(items)
-            except Exception as err:  # noqa: BLE001 - everything is kept and retried: writes are idempotent
+            except Exception as err:
                 self._inflight_users = 0
                 self._put_back(items)
                 self.m_writes["error"].inc()
@@ -537,7 +537,7 @@ class ServingWriter:
                     return
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.probe_interval)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     await self._probe()
                 self._wake.clear()
                 continue
@@ -592,7 +592,7 @@ class ServingWriter:
                 return
             try:
                 snapshot = await (self._rebuild(p) if self._rebuild is not None else rebuild_from_log(self, p))
-            except Exception:  # noqa: BLE001 - retried: the broker may be busy
+            except Exception:
                 log.exception("rebuilding partition %d of the serving layer failed; retrying", p)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -614,7 +614,7 @@ class ServingWriter:
         self._wake.set()
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout)
-        except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+        except (TimeoutError, Exception):  # noqa: BLE001 - best effort: what is left is logged below, the next owner rewrites it
             pass
         for task in [self._task, *self._resync_tasks]:
             task.cancel()
@@ -630,7 +630,7 @@ class ServingWriter:
         if self._client is not None:
             try:
                 await self._client.aclose()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - closing a connection that may be broken already: nothing to do
                 pass
             self._client = None
 
@@ -715,6 +715,11 @@ def _s(value: Any) -> str | None:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _text(value: bytes | str) -> str:
+    """A value Redis always has (a sorted set's member), as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _user(uid: str, values: list) -> dict[str, Any] | None:
     state, last, signup, channel, rev_minor, rev = (_s(v) for v in values)
     if state is None:
@@ -745,7 +750,7 @@ async def at_risk(redis: Any, prefix: str, state: str, limit: int, offset: int =
     raw = await redis.eval(PAGE_LUA, 1, f"{prefix}at-risk:{state}", prefix, offset, offset + limit - 1)
     out = []
     for i in range(0, len(raw), 2):
-        user = _user(_s(raw[i]), raw[i + 1])
+        user = _user(_text(raw[i]), raw[i + 1])
         if user is not None:
             out.append(user)
     return out

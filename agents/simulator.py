@@ -45,8 +45,9 @@ import heapq
 import math
 import random
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import accumulate
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import orjson
 
@@ -91,6 +92,15 @@ _FMT_Z, _FMT_OFFSET, _FMT_MS = 0, 1, 2
 
 class _User:
     __slots__ = ("idx", "uid", "e0", "k", "anchor", "buy_p", "invite_p", "fmt", "off", "suffix", "purchases")
+    # set by Simulator._signup right after construction
+    e0: float  # base session rate, sessions per simulated day
+    k: float  # decay constant of the rate, per simulated day
+    anchor: float  # time the decay starts from
+    buy_p: float
+    invite_p: float
+    fmt: int  # _FMT_Z / _FMT_OFFSET / _FMT_MS
+    off: int  # UTC offset in minutes (_FMT_OFFSET)
+    suffix: str  # "Z" or "+hh:mm"
 
     def __init__(self, idx: int, uid: str) -> None:
         self.idx = idx

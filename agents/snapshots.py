@@ -68,13 +68,13 @@ class SnapshotStore:
                 self.backlog.pop(0)
 
 
-def read_versions(client, prefix: str, grain: str, period: str) -> list[dict[str, Any]]:  # noqa: ANN001
+def read_versions(client, prefix: str, grain: str, period: str) -> list[dict[str, Any]]:
     """Every version of one period's snapshot, oldest first (sync redis client)."""
     raw = client.hgetall(_key(prefix, grain, period))
     return [orjson.loads(raw[k]) for k in sorted(raw, key=lambda v: int(v))]
 
 
-def list_periods(client, prefix: str, grain: str | None = None) -> list[tuple[str, str, int]]:  # noqa: ANN001
+def list_periods(client, prefix: str, grain: str | None = None) -> list[tuple[str, str, int]]:
     """(grain, period, latest version) of every stored snapshot, by period start."""
     out = []
     for member in client.zrange(f"{prefix}snapshots", 0, -1):

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import msgspec
 
-from agents.core.engine import PartitionEngine
-from streams.events import Event
+from kpimon.agents.core.engine import PartitionEngine
+from kpimon.streams.events import Event
 
 
 class Record(msgspec.Struct, array_like=True, gc=False):

@@ -13,13 +13,14 @@ import os
 import re
 import time
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import orjson
 
-from agents import backfill as bf
-from agents.runtime.ports import free_port
+from kpimon.agents import backfill as bf
+from kpimon.agents.runtime.ports import free_port
 
 RESULTS = Path(__file__).parent / "results"
 _EVENTS_TOTAL = re.compile(rb"^kpimon_events_total\{[^}]*\} (\S+)$", re.M)
@@ -172,7 +173,7 @@ def partition_of(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
-def new_producer(bootstrap: str):  # noqa: ANN201
+def new_producer(bootstrap: str):
     from aiokafka import AIOKafkaProducer
 
     return AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0, enable_idempotence=False,
@@ -181,7 +182,7 @@ def new_producer(bootstrap: str):  # noqa: ANN201
 
 async def produce_fast(bootstrap: str, topic: str, partitions: int, lines: Iterable[bytes]) -> int:
     """Produce JSON lines keyed by user_id (like streams.admin.produce_lines), with aiokafka batches."""
-    from streams.admin import user_key
+    from kpimon.streams.admin import user_key
 
     producer = new_producer(bootstrap)
     await producer.start()

@@ -21,19 +21,19 @@ import os
 import platform
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from agents import backfill as bf
-from agents.runtime.ports import free_port
-from agents.simulator import generate
-from config.settings import from_mapping
-from streams import admin
-from streams import topics as wire
-from streams.topics import Topics
+from kpimon.agents import backfill as bf
+from kpimon.agents.runtime.ports import free_port
+from kpimon.agents.simulator import generate
+from kpimon.config.settings import from_mapping
+from kpimon.streams import admin
+from kpimon.streams import topics as wire
+from kpimon.streams.topics import Topics
 
 START = 1_704_067_200_000
 
@@ -72,9 +72,9 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.broker == "apache":
-        from agents.runtime.apache_kafka import ApacheKafka as Broker
+        from kpimon.agents.runtime.apache_kafka import ApacheKafka as Broker
     else:
-        from agents.runtime.tansu import TansuBroker as Broker
+        from kpimon.agents.runtime.tansu import TansuBroker as Broker
 
     t = time.perf_counter()
     lines = list(generate(args.events, start_ms=START, seed=1, users=args.users))
@@ -139,7 +139,7 @@ def main() -> None:
     if usage is not None:
         print(f"worker CPU: {usage:.1f} s ({usage / n * 1e6:.1f} µs per event)")
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "events": n,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "events": n,
         "partitions": args.partitions, "broker": args.broker, "cores": os.cpu_count(),
         "rates": {name: count / secs for name, count, secs in rows}, "ratio_steady_to_raw": ratio,
         "worker_cpu_s": usage, "accepted": accepted,
@@ -171,7 +171,7 @@ class _FirstProgress:
         self._c.close()
 
 
-def _child_cpu(proc) -> float | None:  # noqa: ANN001
+def _child_cpu(proc) -> float | None:
     try:
         with open(f"/proc/{proc.pid}/stat") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()

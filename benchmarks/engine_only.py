@@ -15,10 +15,10 @@ from types import SimpleNamespace
 
 import orjson
 
-from agents.core.engine import EngineConfig, PartitionEngine
-from agents.ingest import process_messages
-from config.settings import load
-from streams.events import Decoder
+from kpimon.agents.core.engine import EngineConfig, PartitionEngine
+from kpimon.agents.ingest import process_messages
+from kpimon.config.settings import load
+from kpimon.streams.events import Decoder
 
 DAY = 86_400_000
 

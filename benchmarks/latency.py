@@ -43,7 +43,7 @@ import time
 import uuid
 from array import array
 from bisect import bisect_left, bisect_right
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from benchmarks import _live
 from benchmarks._live import percentile
@@ -65,7 +65,7 @@ TEMPLATES = [
 
 
 # ---------------------------------------------------------------- sampler (child process)
-def _sampler(port: int, interval: float, out_path: str, stop, started) -> None:  # noqa: ANN001
+def _sampler(port: int, interval: float, out_path: str, stop, started) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     t_req, t_resp, counts = array("d"), array("d"), array("d")
     started.set()
@@ -172,11 +172,11 @@ async def produce(bootstrap: str, topic: str, partitions: int, rate: float, t_st
     return sent
 
 
-async def _ship(producer, batch, topic: str, p: int, members: list[int], t_send: float,  # noqa: ANN001, ANN202
+async def _ship(producer, batch, topic: str, p: int, members: list[int], t_send: float,
                 sent: Sent):
     fut = await producer.send_batch(batch, topic, partition=p)
 
-    def done(f) -> None:  # noqa: ANN001
+    def done(f) -> None:
         if f.cancelled() or f.exception() is not None:
             return
         sent.acks.append(time.time() - t_send)
@@ -194,7 +194,7 @@ async def read_state_log(bootstrap: str, topic: str, partitions: int) -> dict[in
     """Per partition: (start, end, clock ms, CreateTime ms) of every state-log record, in order."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from agents import statelog
+    from kpimon.agents import statelog
 
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
                          max_partition_fetch_bytes=32 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
@@ -257,11 +257,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(_live.RESULTS / "latency.json"))
     args = ap.parse_args()
 
-    from agents.runtime.apache_kafka import ApacheKafka
-    from agents.runtime.ports import free_port
-    from config.settings import from_mapping
-    from streams import admin
-    from streams.topics import Topics
+    from kpimon.agents.runtime.apache_kafka import ApacheKafka
+    from kpimon.agents.runtime.ports import free_port
+    from kpimon.config.settings import from_mapping
+    from kpimon.streams import admin
+    from kpimon.streams.topics import Topics
 
     info = _live.machine()
     prefix = f"lat-{uuid.uuid4().hex[:8]}."
@@ -416,7 +416,7 @@ def main() -> None:
           "percentile.")
 
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), **info,
         "broker": "apache", "partitions": args.partitions, "users": args.users, "lateness_s": lateness_s,
         "reorder_buffer_events_at_end": buffered,
         "target_rate": args.rate, "achieved_rate": achieved, "worker_counted_rate": consumed,

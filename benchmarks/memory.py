@@ -55,7 +55,7 @@ import multiprocessing as mp
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +108,10 @@ def _template(case: str, rnd: int, user: int) -> bytes:
 
 def _measure(case: str, users: int, chunk: int = 4000) -> dict[str, Any]:
     """Runs in a fresh interpreter: RSS delta of feeding ``users`` users into one engine."""
-    from agents.core.engine import EngineConfig, PartitionEngine
-    from agents.ingest import process_messages
-    from config.settings import from_mapping
-    from streams.events import Decoder
+    from kpimon.agents.core.engine import EngineConfig, PartitionEngine
+    from kpimon.agents.ingest import process_messages
+    from kpimon.config.settings import from_mapping
+    from kpimon.streams.events import Decoder
 
     settings = from_mapping({"dedup_horizon": "1s"}, "<bench>", env={})
     engine = PartitionEngine(EngineConfig.from_settings(settings))
@@ -185,14 +185,14 @@ def per_user(args: argparse.Namespace) -> dict[str, Any]:
           "than ~1 s of event time = ~1000 events); 'RSS fed' is right after the last event, 'RSS after' after a "
           "final marker and gc.collect(). user_ids are 'user-<n>' (6-12 characters). RSS includes allocator "
           "slack (dict growth steps, pymalloc arenas), which is what a worker pays too.")
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **_live.machine(),
+    return {"date": datetime.now(UTC).isoformat(timespec="seconds"), **_live.machine(),
             "dedup_horizon": "1s", "cases": results}
 
 
 # ---------------------------------------------------------------- soak (live worker)
 async def _soak_load(args: argparse.Namespace, bootstrap: str, topic: str, partitions: int, workers: Any,
                      url: str, samples: list) -> dict[str, Any]:
-    from agents.simulator import DAY_MS, EVENTS_PER_USER_DAY, Simulator
+    from kpimon.agents.simulator import DAY_MS, EVENTS_PER_USER_DAY, Simulator
 
     producer = _live.new_producer(bootstrap)
     await producer.start()
@@ -308,13 +308,13 @@ def _row(s: dict, first: dict) -> str:
 
 
 def soak(args: argparse.Namespace) -> dict[str, Any]:
-    from agents import backfill as bf
-    from agents.demo import DEMO_CONFIG
-    from agents.runtime.apache_kafka import ApacheKafka
-    from agents.runtime.ports import free_port
-    from config.settings import from_mapping, load
-    from streams import admin
-    from streams.topics import Topics
+    from kpimon.agents import backfill as bf
+    from kpimon.agents.demo import DEMO_CONFIG
+    from kpimon.agents.runtime.apache_kafka import ApacheKafka
+    from kpimon.agents.runtime.ports import free_port
+    from kpimon.config.settings import from_mapping, load
+    from kpimon.streams import admin
+    from kpimon.streams.topics import Topics
 
     info = _live.machine()
     demo = load(DEMO_CONFIG)
@@ -385,7 +385,7 @@ def report_soak(samples: list[dict], args: argparse.Namespace, load_info: dict, 
                          "NO -- RSS still growing in the last half")
           + "; each newly tracked user stays in memory for good, so a residual slope that matches "
             "'tracked users/min' x bytes per user (benchmarks.memory --mode per-user) is not a leak")
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info, "broker": "apache",
+    return {"date": datetime.now(UTC).isoformat(timespec="seconds"), **info, "broker": "apache",
             "source": args.source, "target_rate": args.rate, "achieved_rate": rate, "users": args.users,
             "partitions": args.partitions, "minutes": args.minutes, "interval_s": args.interval,
             "settings": {"clock": "live", "lateness": "5s", "dedup_horizon": "1m",

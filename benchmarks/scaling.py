@@ -39,7 +39,7 @@ import os
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from benchmarks import _live
 
@@ -60,13 +60,13 @@ def main() -> None:
     part_counts = [int(x) for x in args.partitions.split(",")]
     worker_counts = [int(x) for x in args.workers.split(",")]
 
-    from agents import backfill as bf
-    from agents.runtime.apache_kafka import ApacheKafka
-    from agents.simulator import generate
     from benchmarks.backfill_throughput import START, _FirstProgress, raw_consume
-    from config.settings import from_mapping
-    from streams import admin
-    from streams.topics import Topics
+    from kpimon.agents import backfill as bf
+    from kpimon.agents.runtime.apache_kafka import ApacheKafka
+    from kpimon.agents.simulator import generate
+    from kpimon.config.settings import from_mapping
+    from kpimon.streams import admin
+    from kpimon.streams.topics import Topics
 
     info = _live.machine()
     t = time.perf_counter()
@@ -169,7 +169,7 @@ def main() -> None:
           "rebalance moved partitions). Short runs are dominated by start-up; see --events 1000000. "
           "Raw = one aiokafka consumer, bytes only, no decoding.")
     _live.write_json(args.out, {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info, "broker": "apache",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), **info, "broker": "apache",
         "events": n, "users": args.users, "generate_s": gen_s, "runs": runs,
         "note": "2-core machine shared by broker, workers and the benchmark process",
     })

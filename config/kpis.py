@@ -26,10 +26,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agents.core.formula import PREV, FormulaError, parse_formula
-from agents.core.kpi import CHANNEL_SPLIT, DEFAULT_CURVE, metric_name_problem
-from agents.core.periods import Calendar, Grain
-from config.settings import ConfigError, read_yaml
+from kpimon.agents.core.formula import PREV, FormulaError, parse_formula
+from kpimon.agents.core.kpi import CHANNEL_SPLIT, DEFAULT_CURVE, metric_name_problem
+from kpimon.agents.core.periods import Calendar, Grain
+from kpimon.config.settings import ConfigError, read_yaml
 
 __all__ = [
     "DEFAULT_KPIS_PATH",
@@ -218,7 +218,7 @@ class Kpi(_Model):
     profile: Profile | None = None
     payout: Payout | None = None
     projection: Literal["linear", "as_is"] | None = None
-    decimals: int | None = Field(None, ge=0, le=8)
+    decimals: int | None = Field(default=None, ge=0, le=8)
 
     @model_validator(mode="after")
     def _check(self) -> Kpi:
@@ -328,7 +328,7 @@ class KpiSpec(_Model):
     payout: Payout = Payout()
     kpis: tuple[Kpi, ...] = Field(min_length=1)
     owners: tuple[Owner, ...] = ()
-    source: str = Field("<mapping>", exclude=True)
+    source: str = Field(default="<mapping>", exclude=True)
 
     # -- look-ups -------------------------------------------------------------------
     def kpi(self, kpi_id: str) -> Kpi:
@@ -509,7 +509,7 @@ class KpiSpec(_Model):
             return out  # the broken link is reported; scope and department are unknown
         scope = self.scope_of(o.id)
         dept = self.department_of(o.id)
-        for h, k in known:
+        for _h, k in known:
             hkey = f"{key}.kpis.{k.id}"
             covered = kpi_channels(k)
             if not scope.covers(covered):

@@ -21,10 +21,19 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from agents.core.periods import format_duration, parse_duration
+from kpimon.agents.core.periods import format_duration, parse_duration
 
 DEFAULT_PATH = Path(__file__).with_name("kpimon.yaml")
 STATES = ("active", "silent", "sleeping", "churned", "dead")
@@ -141,12 +150,12 @@ class Lifecycle(_Model):
 
 
 class Money(_Model):
-    decimals: int = Field(2, ge=0, le=6)
+    decimals: int = Field(default=2, ge=0, le=6)
 
 
 class Kafka(_Model):
     broker: Annotated[str, AfterValidator(_broker_list)] = "kafka://127.0.0.1:9092"
-    partitions: int = Field(4, ge=1, le=1024)
+    partitions: int = Field(default=4, ge=1, le=1024)
     topic_prefix: str = ""
 
     @property
@@ -156,11 +165,11 @@ class Kafka(_Model):
 
 
 class Worker(_Model):
-    app_id: str = Field("kpimon", pattern=r"^[A-Za-z0-9._-]+$")
+    app_id: str = Field(default="kpimon", pattern=r"^[A-Za-z0-9._-]+$")
     clock: Literal["live", "event"] = "live"
     web_host: str = "127.0.0.1"
-    web_port: int = Field(6066, ge=1, le=65535)
-    batch_max_records: int = Field(20000, ge=1, le=100_000)
+    web_port: int = Field(default=6066, ge=1, le=65535)
+    batch_max_records: int = Field(default=20000, ge=1, le=100_000)
     poll_timeout: PollDuration = parse_duration("200ms")
     tick_interval: TickDuration = parse_duration("1s")
     session_timeout: SessionDuration = parse_duration("10s")
@@ -175,7 +184,7 @@ class Redis(_Model):
 class Api(_Model):
     """The HTTP API's bearer token: only from ``KPIMON_API_TOKEN``, never from the file, never dumped."""
 
-    token: SecretStr | None = Field(None, exclude=True)
+    token: SecretStr | None = Field(default=None, exclude=True)
 
 
 class Settings(_Model):
@@ -194,7 +203,7 @@ class Settings(_Model):
     redis: Redis = Redis()
     api: Api = Api()
     kpis: str | None = None  # path of the KPI spec (config/kpis.yaml format), relative to this file
-    source: str = Field("<defaults>", exclude=True)
+    source: str = Field(default="<defaults>", exclude=True)
 
     @field_validator("timezone")
     @classmethod
@@ -211,7 +220,7 @@ class Settings(_Model):
         """Epoch milliseconds (>= 0), or an instant with an offset (YAML reads one as a datetime)."""
         import datetime as dt
 
-        from streams.events import parse_instant
+        from kpimon.streams.events import parse_instant
 
         form = "expected epoch milliseconds or an RFC 3339 instant with an offset, like 2000-01-01T00:00:00Z"
         if isinstance(value, dt.datetime) and value.tzinfo is not None:
@@ -256,8 +265,8 @@ class Settings(_Model):
         base = DEFAULT_PATH.parent if self.source.startswith("<") else Path(self.source).parent
         return base / path
 
-    def load_kpis(self):  # noqa: ANN201 - config.kpis.KpiSpec | None
-        from config.kpis import load_kpis
+    def load_kpis(self):
+        from kpimon.config.kpis import load_kpis
 
         path = self.kpis_path()
         if path is None:
@@ -416,7 +425,7 @@ def read_yaml(path: Path, exact: bool = False) -> Any:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
     try:
-        data = yaml.load(text, Loader=_ExactLoader if exact else _Loader)  # noqa: S506 - SafeLoader subclasses
+        data = yaml.load(text, Loader=_ExactLoader if exact else _Loader)
     except _DuplicateKey as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:

@@ -19,10 +19,10 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeAlias
 
 from grafana_foundation_sdk.builders import bargauge, dashboard, prometheus, stat, table, timeseries
 from grafana_foundation_sdk.builders.common import ReduceDataOptions, StackingConfig, VizLegendOptions
-from grafana_foundation_sdk.cog.builder import Builder
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
@@ -36,6 +36,8 @@ DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 TAGS = ["kpimon"]
 STATUS_COLORS = {"on_track": "green", "at_risk": "yellow", "off_track": "red", "no_data": "text",
                  "no_target": "text"}
+# The SDK's panel builders used here: each has id/span/height, but they share no base class with them.
+PanelBuilder: TypeAlias = stat.Panel | timeseries.Panel | table.Panel | bargauge.Panel
 
 
 # ------------------------------------------------------------------ helpers
@@ -99,7 +101,7 @@ class Layout:
         self.dash.with_row(dashboard.Row(title).id(self._take()))
         return self
 
-    def add(self, panel: Builder, width: int, height: int = 8) -> Layout:
+    def add(self, panel: PanelBuilder, width: int, height: int = 8) -> Layout:
         self.dash.with_panel(panel.id(self._take()).span(width).height(height))
         return self
 

@@ -7,14 +7,14 @@ benchmarks; the worker calls :func:`ensure_topics` in a thread at start-up.
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import orjson
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from streams.topics import WATERMARK_HEADER, Topics
+from kpimon.streams.topics import WATERMARK_HEADER, Topics
 
 
 def _admin(bootstrap: str) -> KafkaAdminClient:
@@ -128,7 +128,7 @@ def producer(bootstrap: str) -> KafkaProducer:
                          max_request_size=16 * 1024 * 1024)
 
 
-def produce_lines(bootstrap: str, topic: str, lines: Iterable[bytes], progress=None) -> int:  # noqa: ANN001
+def produce_lines(bootstrap: str, topic: str, lines: Iterable[bytes], progress=None) -> int:
     """Produce raw JSON lines keyed by user_id (bad lines too: the worker dead-letters them)."""
     prod = producer(bootstrap)
     n = 0

@@ -100,7 +100,7 @@ class Event(msgspec.Struct, array_like=True, gc=False, frozen=True):
     referrer_id: str | None = None
 
 
-_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 _MS = _dt.timedelta(milliseconds=1)
 # Default floor of *integer* ts (setting ``min_epoch_ms``): before 2000 an integer is almost
 # certainly a unit error (epoch seconds read as milliseconds).
@@ -223,7 +223,7 @@ class Decoder:
                 # Control characters can only come as escapes (\\), DEL or U+0080..U+009F (0xC2 0x80..).
                 _check_ids(raw)
             ts = raw.ts
-            if type(ts) is int:
+            if isinstance(ts, int):  # msgspec gives an exact int or a datetime (bool is rejected): as `type(ts) is int`
                 ts_ms = ts
                 if ts_ms < self.min_epoch_ms:
                     raise Rejected(Reason.BAD_TIMESTAMP, self._too_early(ts_ms))
@@ -330,7 +330,7 @@ def parse_instant(text: str) -> int:
     except msgspec.DecodeError:
         raise ValueError(f"invalid instant {text!r}: expected RFC 3339 with an offset "
                          "(2024-03-13T10:21:14Z) or epoch milliseconds") from None
-    return value if type(value) is int else (value - _EPOCH) // _MS
+    return value if isinstance(value, int) else (value - _EPOCH) // _MS
 
 
 def format_money(minor: int, decimals: int = 2) -> str:

@@ -7,16 +7,16 @@ Everything here is plain data: events are the JSON objects users send
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from hypothesis import strategies as st
 
-from config.settings import Settings, from_mapping
+from kpimon.config.settings import Settings, from_mapping
 
 HOUR = 3_600_000
 DAY = 24 * HOUR
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # Small thresholds so that lifecycle transitions happen often in short streams.
 SILENT, SLEEPING, CHURNED, DEAD = 2 * DAY, 4 * DAY, 8 * DAY, 16 * DAY

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agents.runtime import ApacheKafka, PrometheusServer, RedisServer, TansuBroker
+from kpimon.agents.runtime import ApacheKafka, PrometheusServer, RedisServer, TansuBroker
 
 
 @pytest.fixture(scope="session")

@@ -20,12 +20,12 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents import statelog
-from agents.core.engine import EngineConfig, PartitionEngine
-from agents.core.aggregate import Aggregator
-from agents.ingest import process_messages
-from streams import topics as wire
-from streams.events import Decoder, format_money
+from kpimon.agents import statelog
+from kpimon.agents.core.aggregate import Aggregator
+from kpimon.agents.core.engine import EngineConfig, PartitionEngine
+from kpimon.agents.ingest import process_messages
+from kpimon.streams import topics as wire
+from kpimon.streams.events import Decoder, format_money
 
 TOPIC = "kpimon.events"
 
@@ -62,7 +62,7 @@ def partition_of_line(line: bytes, partitions: int) -> int:
     return partition_of_user(user_id_of(line), partitions)
 
 
-def partitioner(partitions: int):  # noqa: ANN201 - for reference.reference_report(partition_of=...)
+def partitioner(partitions: int):
     def part(ev: dict[str, Any]) -> int:
         uid = ev.get("user_id")
         return partition_of_user(uid if isinstance(uid, str) else None, partitions)
@@ -93,7 +93,7 @@ class PipelineReport(dict):
 
 
 def result_of(wire_metrics: dict[str, Any], settings: Any) -> dict[str, Any]:
-    from agents.core.metrics import PeriodMetrics
+    from kpimon.agents.core.metrics import PeriodMetrics
 
     decimals = settings.money.decimals
     return PeriodMetrics.from_wire(wire_metrics).result(settings.lifecycle.warning_state,

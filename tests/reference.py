@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import decimal
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from agents.core.periods import GRAINS, Calendar
-from streams.events import format_money
+from kpimon.agents.core.periods import GRAINS, Calendar
+from kpimon.streams.events import format_money
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _STATE_NAMES = ["active", "silent", "sleeping", "churned", "dead"]
 
 
@@ -183,7 +184,7 @@ def period_numbers(start: int, end: int, events: list[dict[str, Any]], settings:
 
 
 def _is_empty(n: dict[str, Any]) -> bool:
-    for key, value in n.items():
+    for value in n.values():
         if isinstance(value, dict):
             if any(value.values()):
                 return False

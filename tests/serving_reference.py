@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from streams.events import format_money
+from kpimon.streams.events import format_money
 
 STATES = ("active", "silent", "sleeping", "churned", "dead")
 

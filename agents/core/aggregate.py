@@ -15,11 +15,11 @@ partial or progress message delivered twice changes nothing.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, MutableMapping
+from collections.abc import Callable, MutableMapping
+from typing import Any
 
-from agents.core.metrics import PeriodMetrics, merge_all
-from streams.topics import ClosedPeriod, GlobalWatermark, Partial, Progress
-
+from kpimon.agents.core.metrics import PeriodMetrics, merge_all
+from kpimon.streams.topics import ClosedPeriod, GlobalWatermark, Partial, Progress
 
 LIVE_TTL_S = 30.0  # open-period reports older than this are ignored (the partition moved away)
 

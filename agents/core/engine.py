@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from heapq import heappop, heappush
-from typing import Callable
 
-from agents.core.lifecycle import ACTIVE, CHURNED, DEAD, STATES, Ladder, Thresholds
-from agents.core.metrics import ENTERED, PeriodMetrics
-from agents.core.periods import GRAINS, Calendar, Period
-from streams.events import INVITE, PURCHASE, REFUND, SIGNUP, Event
+from kpimon.agents.core.lifecycle import ACTIVE, CHURNED, DEAD, STATES, Ladder, Thresholds
+from kpimon.agents.core.metrics import ENTERED, PeriodMetrics
+from kpimon.agents.core.periods import GRAINS, Calendar, Period
+from kpimon.streams.events import INVITE, PURCHASE, REFUND, SIGNUP, Event
 
 NEVER = -(2**62)  # "minus infinity" for timestamps; compares as an int
 DAY = 86_400_000
@@ -58,7 +58,7 @@ class EngineConfig:
     fingerprint: str = ""  # of every setting that changes what the state means (see from_settings)
 
     @classmethod
-    def from_settings(cls, settings) -> EngineConfig:  # noqa: ANN001 - config.settings.Settings
+    def from_settings(cls, settings) -> EngineConfig:
         meaning = (settings.timezone, settings.lateness, settings.dedup_horizon, settings.lifecycle.thresholds,
                    settings.money.decimals, settings.channels)
         return cls(

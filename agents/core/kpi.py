@@ -32,14 +32,14 @@ from datetime import date
 from decimal import Decimal
 from fractions import Fraction
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
-from agents.core.formula import PREV, Formula, parse_formula, to_fraction
-from agents.core.lifecycle import STATES
-from agents.core.periods import Calendar, Grain, Period
+from kpimon.agents.core.formula import PREV, Formula, parse_formula, to_fraction
+from kpimon.agents.core.lifecycle import STATES
+from kpimon.agents.core.periods import Calendar, Grain, Period
 
 if TYPE_CHECKING:  # pragma: no cover
-    from config.kpis import Kpi, Owner
+    from kpimon.config.kpis import Kpi, Owner
 
 __all__ = [
     "ADDITIVE_METRICS",
@@ -169,6 +169,12 @@ def exact_number(value: Any, what: str = "value") -> Fraction:
     return to_fraction(value, what)
 
 
+@overload
+def fmt(value: None, places: int = 4) -> None: ...
+@overload
+def fmt(value: Fraction | Decimal | int, places: int = 4) -> str: ...
+@overload
+def fmt(value: Fraction | Decimal | int | None, places: int = 4) -> str | None: ...
 def fmt(value: Fraction | Decimal | int | None, places: int = 4) -> str | None:
     """Exact value -> decimal string with exactly ``places`` decimals, half to even."""
     if value is None:
@@ -276,7 +282,9 @@ def expected_progress(period: Period, now_ms: int, calendar: Calendar, profile: 
     if now_ms <= start:
         return Fraction(0)
     plain = Fraction(now_ms - start, end - start)
-    if profile is None or (getattr(profile, "weekday", None) is None and getattr(profile, "day_of_month", None) is None):
+    if profile is None or (
+        getattr(profile, "weekday", None) is None and getattr(profile, "day_of_month", None) is None
+    ):
         return plain
     total = done = Fraction(0)
     ts = start
@@ -433,8 +441,8 @@ def evaluate_kpi(
     direction = kpi.direction
     curve = getattr(kpi, "payout", None)
     actual = kpi_actual(kpi, metrics, prev_metrics)
-    target = kpi.target_for(period.label)
-    target = None if target is None else exact_number(target, "target")
+    configured = kpi.target_for(period.label)
+    target = None if configured is None else exact_number(configured, "target")
     att = attainment(actual, target, direction)
     progress = Fraction(1) if closed else expected_progress(period, now_ms, calendar, getattr(kpi, "profile", None))
     if actual is None:
@@ -463,7 +471,9 @@ def evaluate_kpi(
                                 getattr(kpi, "off_track", Fraction(4, 5)))
         multiplier = payout(None if best else basis, curve)
         top = _top_attainment(curve)
-        credited = top if best else min(max(basis, Fraction(0)), top)
+        # Not best, so basis is not None: projected is not None and the target is > 0 (validated);
+        # a target of 0 would fail in max() as before.
+        credited = top if best else min(max(cast(Fraction, basis), Fraction(0)), top)
     return KpiResult(
         kpi=kpi.id, period=period.label, grain=Grain(period.grain).value, kind=getattr(kpi, "kind", "committed"),
         direction=direction, closed=closed, actual=actual, target=target, attainment=att,
@@ -531,18 +541,20 @@ def score_owner(owner: Owner, results: Mapping[str, KpiResult]) -> OwnerScore:
     committed = stretch = score_c = score_s = Fraction(0)
     for kpi_id, weight in holdings:
         r = results[kpi_id]
+        m = r.multiplier  # `m is not None` is counted[kpi_id]
+        # A counted result has a credited attainment too (evaluate_kpi sets both or neither).
         if r.kind == "stretch":
             eff = weight
-            contrib = weight * max(Fraction(0), r.multiplier - 1) if counted[kpi_id] else Fraction(0)
+            contrib = weight * max(Fraction(0), m - 1) if m is not None else Fraction(0)
             stretch += contrib
-            if counted[kpi_id]:
-                score_s += weight * max(Fraction(0), r.credited_attainment - 1)
+            if m is not None:
+                score_s += weight * max(Fraction(0), cast(Fraction, r.credited_attainment) - 1)
         else:
-            eff = weight / committed_weight if counted[kpi_id] else Fraction(0)
-            contrib = eff * r.multiplier if counted[kpi_id] else Fraction(0)
+            eff = weight / committed_weight if m is not None else Fraction(0)
+            contrib = eff * m if m is not None else Fraction(0)
             committed += contrib
-            if counted[kpi_id]:
-                score_c += eff * r.credited_attainment
+            if m is not None:
+                score_c += eff * cast(Fraction, r.credited_attainment)
         contributions.append(Contribution(kpi_id, r.kind, weight, eff, r.credited_attainment, r.multiplier,
                                           contrib, r.status, counted[kpi_id]))
     if committed_weight == 0:

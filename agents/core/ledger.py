@@ -19,8 +19,8 @@ from typing import Any
 
 import msgspec
 
-from agents.core.metrics import PeriodMetrics
-from streams.events import Event, PURCHASE, REFUND, INVITE, format_money
+from kpimon.agents.core.metrics import PeriodMetrics
+from kpimon.streams.events import INVITE, PURCHASE, REFUND, Event, format_money
 
 _encode = msgspec.json.Encoder(order="sorted").encode
 
@@ -123,8 +123,8 @@ class Book:
     share staged changes, so two agents using one book cannot commit each other's.
     """
 
-    def __init__(self, versions, pending, *, calendar, warning_state: str, decimals: int,  # noqa: ANN001
-                 config_version: dict[str, str], evaluate=None) -> None:  # noqa: ANN001
+    def __init__(self, versions, pending, *, calendar, warning_state: str, decimals: int,
+                 config_version: dict[str, str], evaluate=None) -> None:
         self.versions = versions
         self.pending = pending
         self.cal = calendar
@@ -136,14 +136,14 @@ class Book:
         self._ev_decode = msgspec.msgpack.Decoder(Event).decode
 
     @staticmethod
-    def _get(tx: Staged, mapping, key: str):  # noqa: ANN001, ANN205 - the call's staged value first
+    def _get(tx: Staged, mapping, key: str):
         for m, k, v in reversed(tx.changes):
             if m is mapping and k == key:
                 return v
         return mapping.get(key)
 
     @staticmethod
-    def _set(tx: Staged, mapping, key: str, value) -> None:  # noqa: ANN001
+    def _set(tx: Staged, mapping, key: str, value) -> None:
         tx.changes.append((mapping, key, value))
 
     @staticmethod

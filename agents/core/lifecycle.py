@@ -10,7 +10,8 @@ the deepest S with end - a > T_S.
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 STATES = ("active", "silent", "sleeping", "churned", "dead")
 ACTIVE, SILENT, SLEEPING, CHURNED, DEAD = range(5)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.core.lifecycle import STATES
+from kpimon.agents.core.lifecycle import STATES
 
 # Counts that add up over days (a month's orders = the sum of its days' orders).
 ADDITIVE = (
@@ -34,6 +34,23 @@ class PeriodMetrics:
     """Accumulator of one period.  Plain attributes: the engine bumps them inline."""
 
     __slots__ = (*ADDITIVE, *DISTINCT, "population", "new_users_by_channel")
+
+    # Declarations only (no class values, so no clash with __slots__): the counters are set
+    # by name in __init__ from ADDITIVE / DISTINCT, which a type checker cannot follow.
+    new_users: int
+    orders: int
+    revenue: int
+    refunds: int
+    invites: int
+    referred_signups: int
+    entered_silent: int
+    entered_sleeping: int
+    entered_churned: int
+    entered_dead: int
+    won_back_churned: int
+    won_back_dead: int
+    active_users: int
+    paying_users: int
 
     def __init__(self) -> None:
         for name in ADDITIVE:

@@ -27,8 +27,9 @@ Performance
 Day starts are memoised per local date, each day's five periods are built
 once and the most recently used day is kept in ``Calendar._last``: looking up
 an instant in the same day as the previous lookup is two comparisons and a
-dict lookup; the day before that is kept too (late events around midnight).  A miss is a couple of dict lookups; only the first lookup of a
-new day touches ``zoneinfo``.
+dict lookup; the day before that is kept too (late events around midnight).
+A miss is a couple of dict lookups; only the first lookup of a new day touches
+``zoneinfo``.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
-from functools import lru_cache
-from zoneinfo import ZoneInfo
+from functools import cache
+from typing import cast
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 __all__ = [
     "GRAINS",
@@ -84,7 +86,7 @@ class Period:
 
 _DAY_MS = 86_400_000
 _ONE_MS = timedelta(milliseconds=1)
-_EPOCH_UTC = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH_UTC = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_ORD = date(1970, 1, 1).toordinal()
 
 #: Supported calendar years (labels) and UTC instants.  The margins keep every
@@ -240,9 +242,11 @@ class Calendar:
     def __init__(self, tz: str) -> None:
         if not isinstance(tz, str):
             raise TypeError(f"timezone must be a str, got {type(tz).__name__}")
+        # ZoneInfoNotFoundError (a KeyError): no such zone; ValueError: a key that is not a normalized
+        # relative path, or a file that is not TZif; OSError: an unreadable path (e.g. a directory).
         try:
             zone = ZoneInfo(tz)
-        except Exception:  # ZoneInfoNotFoundError (a KeyError), ValueError, OSError...
+        except (ZoneInfoNotFoundError, ValueError, OSError):
             raise ValueError(f"unknown timezone {tz!r}") from None
         self.tz_name: str = tz
         self._tz = zone
@@ -343,7 +347,7 @@ class Calendar:
         ts = _coerce_ts(ts_ms)
         _check_range(ts)
         dt = self._local(ts)
-        off = dt.utcoffset()
+        off = cast(timedelta, dt.utcoffset())  # aware datetime (astimezone): never None
         secs = off.days * 86_400 + off.seconds
         sign = "+" if secs >= 0 else "-"
         hh, rem = divmod(abs(secs), 3600)
@@ -412,12 +416,14 @@ class Calendar:
         """First instant (epoch ms) whose local date is ``ordinal`` or later."""
         tz = self._tz
         day = date.fromordinal(ordinal)
-        midnight = datetime(day.year, day.month, day.day)
+        # Deliberately naive: local wall-clock midnight, compared below with naive local times.
+        midnight = datetime(day.year, day.month, day.day)  # noqa: DTZ001 - naive local wall time on purpose
         midnight_ms = (ordinal - _EPOCH_ORD) * _DAY_MS
         candidates: list[int] = []
         valid: list[int] = []
         for fold in (0, 1):
-            off = midnight.replace(tzinfo=tz, fold=fold).utcoffset()
+            # aware (tzinfo=tz): never None; cold path (once per local date, memoised by _start)
+            off = cast(timedelta, midnight.replace(tzinfo=tz, fold=fold).utcoffset())
             u = midnight_ms - off // _ONE_MS
             candidates.append(u)
             if self._local(u).replace(tzinfo=None) == midnight:
@@ -444,7 +450,7 @@ class Calendar:
         return hi
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_calendar(tz: str) -> Calendar:
     """Shared Calendar per timezone name, so its caches are shared too."""
     return Calendar(tz)

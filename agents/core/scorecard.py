@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.core.kpi import evaluate_kpi, score_owner
-from agents.core.periods import Calendar, Grain, Period
+from kpimon.agents.core.kpi import evaluate_kpi, score_owner
+from kpimon.agents.core.periods import Calendar, Grain, Period
 
 
 def evaluate_period(spec: Any, grain: str, label: str, start: int, end: int, metrics: dict[str, Any],

@@ -28,14 +28,14 @@ __all__ = [
 ]
 
 _LAZY = {
-    "ApacheKafka": "agents.runtime.apache_kafka",
-    "TansuBroker": "agents.runtime.tansu",
-    "RedisServer": "agents.runtime.redis_server",
-    "PrometheusServer": "agents.runtime.prometheus_server",
-    "ManagedProcess": "agents.runtime.process",
-    "ServiceStartError": "agents.runtime.process",
-    "free_port": "agents.runtime.ports",
-    "wait_for_port": "agents.runtime.ports",
+    "ApacheKafka": "kpimon.agents.runtime.apache_kafka",
+    "TansuBroker": "kpimon.agents.runtime.tansu",
+    "RedisServer": "kpimon.agents.runtime.redis_server",
+    "PrometheusServer": "kpimon.agents.runtime.prometheus_server",
+    "ManagedProcess": "kpimon.agents.runtime.process",
+    "ServiceStartError": "kpimon.agents.runtime.process",
+    "free_port": "kpimon.agents.runtime.ports",
+    "wait_for_port": "kpimon.agents.runtime.ports",
 }
 
 

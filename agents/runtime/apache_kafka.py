@@ -21,7 +21,6 @@ import fcntl
 import functools
 import hashlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -30,14 +29,15 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from agents.runtime.kafka_common import KafkaBrokerProcess
-from agents.runtime.ports import free_port
-from agents.runtime.process import cache_root, require_executable
+from kpimon.agents.runtime.kafka_common import KafkaBrokerProcess
+from kpimon.agents.runtime.ports import free_port
+from kpimon.agents.runtime.process import cache_root, require_executable
 
 _MARKER = ".kpimon-fetch-complete"
 
@@ -55,7 +55,7 @@ logger.config.level = WARN
 
 
 def pom_text() -> str:
-    return resources.files("agents.runtime").joinpath("pom.xml").read_text(encoding="utf-8")
+    return resources.files("kpimon.agents.runtime").joinpath("pom.xml").read_text(encoding="utf-8")
 
 
 def pinned_version() -> str:
@@ -128,7 +128,7 @@ def fetch_jars(version: str | None = None, *, cache_dir: Path | None = None) -> 
         return libs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def java_major_version(java: str) -> int:
     out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60).stderr
     match = re.search(r'version "(\d+)(?:\.(\d+))?', out)

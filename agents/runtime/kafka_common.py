@@ -12,8 +12,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from agents.runtime.ports import LOOPBACK, port_open
-from agents.runtime.process import ManagedProcess
+from kpimon.agents.runtime.ports import LOOPBACK, port_open
+from kpimon.agents.runtime.process import ManagedProcess
 
 T = TypeVar("T")
 

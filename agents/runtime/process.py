@@ -35,7 +35,7 @@ from collections import deque
 from pathlib import Path
 from typing import ClassVar, Self
 
-_RUNNING: "weakref.WeakSet[ManagedProcess]" = weakref.WeakSet()
+_RUNNING: weakref.WeakSet[ManagedProcess] = weakref.WeakSet()
 _RUNNING_LOCK = threading.Lock()
 
 

@@ -6,8 +6,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from agents.runtime.ports import LOOPBACK, free_port
-from agents.runtime.process import ManagedProcess, require_executable
+from kpimon.agents.runtime.ports import LOOPBACK, free_port
+from kpimon.agents.runtime.process import ManagedProcess, require_executable
 
 
 class RedisServer(ManagedProcess):

@@ -19,9 +19,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from agents.runtime.kafka_common import KafkaBrokerProcess
-from agents.runtime.ports import free_port
-from agents.runtime.process import cache_root
+from kpimon.agents.runtime.kafka_common import KafkaBrokerProcess
+from kpimon.agents.runtime.ports import free_port
+from kpimon.agents.runtime.process import cache_root
 
 
 def tansu_binary() -> Path:

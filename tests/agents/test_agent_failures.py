@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from unittest.mock import AsyncMock, patch
 
 import orjson
 import pytest
-from unittest.mock import AsyncMock, patch
 
-from agents.app import create_app
-from agents.health import Health, describe
-from config.settings import from_mapping
-from tests.agents.test_aggregate_agent import delivered, partial, progress, JAN1, DAY
+from kpimon.agents.app import create_app
+from kpimon.agents.health import Health, describe
+from kpimon.config.settings import from_mapping
+from tests.agents.test_aggregate_agent import DAY, JAN1, delivered, partial, progress
 
 
 @pytest.fixture
@@ -27,11 +27,11 @@ def app():
     return app
 
 
-def crashes(app, loop: str) -> float:  # noqa: ANN001
+def crashes(app, loop: str) -> float:
     return app.kpimon_registry.get_sample_value("kpimon_loop_crashes_total", {"loop": loop})
 
 
-async def until(cond, timeout_s: float = 5.0) -> None:  # noqa: ANN001
+async def until(cond, timeout_s: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not cond():
         assert asyncio.get_running_loop().time() < deadline

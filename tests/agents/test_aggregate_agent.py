@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-
-import orjson
 from unittest.mock import AsyncMock, patch
 
+import orjson
 import pytest
 
-from agents.app import create_app
-from agents.core.metrics import PeriodMetrics
-from config.settings import from_mapping
-from streams import topics as wire
+from kpimon.agents.app import create_app
+from kpimon.agents.core.metrics import PeriodMetrics
+from kpimon.config.settings import from_mapping
+from kpimon.streams import topics as wire
 
 DAY = 86_400_000
 JAN1 = 1_704_067_200_000

@@ -7,10 +7,10 @@ from unittest.mock import AsyncMock, patch
 
 import pytest
 
-from agents.app import create_app
-from agents.core.metrics import PeriodMetrics
-from config.settings import from_mapping
-from streams import topics as wire
+from kpimon.agents.app import create_app
+from kpimon.agents.core.metrics import PeriodMetrics
+from kpimon.config.settings import from_mapping
+from kpimon.streams import topics as wire
 
 MAR1 = 1_709_251_200_000
 APR1 = 1_711_929_600_000

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from agents import backfill as bf
-from agents.runtime.ports import free_port
-from config.settings import Settings, from_mapping
-from streams import admin
-from streams.topics import Topics
+from kpimon.agents import backfill as bf
+from kpimon.agents.runtime.ports import free_port
+from kpimon.config.settings import Settings, from_mapping
+from kpimon.streams import admin
+from kpimon.streams.topics import Topics
 
 
 class Pipeline:
@@ -53,13 +53,13 @@ class Pipeline:
     def mark(self, until_ms: int) -> None:
         admin.send_watermark(self.bootstrap, self.topics.events, self.partitions, until_ms)
 
-    def start_worker(self, env: dict[str, str] | None = None):  # noqa: ANN201
+    def start_worker(self, env: dict[str, str] | None = None):
         proc = bf.spawn_worker(self.config_path, os.path.join(self.workdir, f"worker-{len(self.workers)}.log"),
                                env=env)
         self.workers.append(proc)
         return proc
 
-    def kill(self, proc) -> None:  # noqa: ANN001
+    def kill(self, proc) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
@@ -93,7 +93,7 @@ class Pipeline:
 
 
 @pytest.fixture
-def pipeline_factory(tmp_path) -> Iterator:  # noqa: ANN001
+def pipeline_factory(tmp_path) -> Iterator:
     made: list[Pipeline] = []
 
     def make(bootstrap: str, **kwargs: Any) -> Pipeline:

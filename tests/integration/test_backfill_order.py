@@ -14,9 +14,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from agents import backfill as bf
-from agents.simulator import generate
-from config.settings import from_mapping
+from kpimon.agents import backfill as bf
+from kpimon.agents.simulator import generate
+from kpimon.config.settings import from_mapping
 
 pytestmark = pytest.mark.integration
 

@@ -18,10 +18,10 @@ import uuid
 
 import pytest
 
-from agents.simulator import generate
-from config.settings import from_mapping
-from dashboards import queries as dq
-from streams.events import Decoder, Rejected
+from kpimon.agents.simulator import generate
+from kpimon.config.settings import from_mapping
+from kpimon.dashboards import queries as dq
+from kpimon.streams.events import Decoder, Rejected
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ def _max_ts(lines: list[bytes]) -> int:
     return best
 
 
-def _wait(cond, timeout_s: float, what: str, log) -> None:  # noqa: ANN001
+def _wait(cond, timeout_s: float, what: str, log) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
         if time.monotonic() > deadline:
@@ -107,7 +107,7 @@ def test_every_dashboard_query_returns_series_from_a_real_worker(kafka, redis_se
     assert not bad, bad
     for record in ("kpimon:events_received:rate5m", "kpimon:events_rejected:ratio_rate5m",
                    'kpimon:lifecycle_entries:increase1h{to="sleeping"}'):
-        _wait(lambda: bool(prom.query(record)), 15, f"recording rule {record}", log)
+        _wait(lambda record=record: bool(prom.query(record)), 15, f"recording rule {record}", log)
     ratio = prom.query_value("kpimon:events_rejected:ratio_rate5m")
     assert ratio is not None and 0 < ratio < 0.1, ratio  # the dataset has 2 % invalid lines
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from agents.demo import run_demo
-from agents.runtime.ports import free_port
+from kpimon.agents.demo import run_demo
+from kpimon.agents.runtime.ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -17,9 +17,9 @@ import pytest
 import redis
 import yaml
 
-from agents.core.periods import Calendar
-from agents.simulator import generate
-from agents.snapshots import read_versions
+from kpimon.agents.core.periods import Calendar
+from kpimon.agents.simulator import generate
+from kpimon.agents.snapshots import read_versions
 from tests.integration.test_pipeline import START, good_events, until_after
 from tests.reference import reference_report
 
@@ -86,9 +86,9 @@ def ledger_pipeline(kafka, redis_server, pipeline_factory, tmp_path):
     return p, report, spec, feb, redis_server, prefix
 
 
-def _kpimon(p, *args: str) -> str:  # noqa: ANN001
+def _kpimon(p, *args: str) -> str:
     env = dict(os.environ, KPIMON_REDIS_URL=p.settings.redis.url)
-    out = subprocess.run([sys.executable, "-m", "agents.cli", *args, "--config", p.config_path],
+    out = subprocess.run([sys.executable, "-m", "kpimon.agents.cli", *args, "--config", p.config_path],
                          capture_output=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr.decode()
     return out.stdout.decode()
@@ -157,8 +157,8 @@ def test_a_late_event_after_close_is_version_two_and_version_one_is_unchanged(le
 
 
 def test_two_backfills_of_the_same_input_give_byte_identical_snapshots(kafka, tmp_path):
-    from agents import backfill as bf
-    from config.settings import from_mapping
+    from kpimon.agents import backfill as bf
+    from kpimon.config.settings import from_mapping
 
     lines = list(generate(3000, start_ms=START, seed=22, users=300))
     path = tmp_path / "history.jsonl"

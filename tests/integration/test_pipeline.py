@@ -11,10 +11,10 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents import backfill as bf
-from agents.simulator import generate
-from streams import topics as wire
-from streams.events import Decoder, Rejected
+from kpimon.agents import backfill as bf
+from kpimon.agents.simulator import generate
+from kpimon.streams import topics as wire
+from kpimon.streams.events import Decoder, Rejected
 from tests.integration.conftest import by_period
 from tests.reference import reference_report
 
@@ -45,7 +45,7 @@ def test_backfill_equals_batch_computation_from_the_definitions(kafka, tmp_path)
     lines = list(generate(40_000, start_ms=START, seed=11, users=1500, duplicate_ratio=0.01))
     path = tmp_path / "history.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    from config.settings import from_mapping
+    from kpimon.config.settings import from_mapping
 
     settings = from_mapping({"kafka": {"partitions": 4}}, "<test>", env={})
     until = until_after(lines, days=120)

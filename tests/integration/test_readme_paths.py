@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.runtime.ports import free_port
+from kpimon.agents.runtime.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -17,13 +17,13 @@ import yaml
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 
-from agents import statelog
-from agents.runtime.ports import free_port
-from agents.simulator import generate
-from streams import admin
-from streams import topics as wire
-from streams.events import Reason
-from streams.topics import Topics
+from kpimon.agents import statelog
+from kpimon.agents.runtime.ports import free_port
+from kpimon.agents.simulator import generate
+from kpimon.streams import admin
+from kpimon.streams import topics as wire
+from kpimon.streams.events import Reason
+from kpimon.streams.topics import Topics
 from tests.integration.conftest import by_period
 from tests.integration.test_pipeline import START, good_events, until_after
 from tests.reference import reference_report
@@ -39,7 +39,7 @@ def healthz(url: str) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def wait_healthy(p, proc, timeout_s: float = 90) -> dict:  # noqa: ANN001
+def wait_healthy(p, proc, timeout_s: float = 90) -> dict:
     """Until /healthz answers 200 with every partition recovered (the worker runs every loop)."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -54,12 +54,12 @@ def wait_healthy(p, proc, timeout_s: float = 90) -> dict:  # noqa: ANN001
         time.sleep(0.2)
 
 
-def full_log(p, i: int = 0) -> str:  # noqa: ANN001
+def full_log(p, i: int = 0) -> str:
     with open(os.path.join(p.workdir, f"worker-{i}.log"), errors="replace") as fh:
         return fh.read()
 
 
-def wait_exit(p, proc, timeout_s: float = 90) -> int:  # noqa: ANN001
+def wait_exit(p, proc, timeout_s: float = 90) -> int:
     try:
         return proc.wait(timeout_s)
     except subprocess.TimeoutExpired:
@@ -150,7 +150,7 @@ def test_an_existing_topic_with_the_wrong_partition_count_stops_the_worker_befor
     config.write_text(yaml.safe_dump({"kafka": {"broker": f"kafka://{kafka.bootstrap}", "topic_prefix": topics.prefix},
                                       "worker": {"web_port": free_port()}, "redis": {"enabled": False}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("KPIMON_")}
-    done = subprocess.run([sys.executable, "-m", "agents.cli", "worker", "--config", str(config)], env=env,
+    done = subprocess.run([sys.executable, "-m", "kpimon.agents.cli", "worker", "--config", str(config)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-3000:]
     (line,) = [ln for ln in done.stderr.splitlines() if "topic error" in ln]

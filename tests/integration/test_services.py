@@ -9,13 +9,14 @@ import uuid
 from collections import defaultdict
 
 import pytest
+import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from agents.runtime import RedisServer, ServiceStartError, free_port, wait_for_port
-from agents.runtime.apache_kafka import fetch_jars, pinned_version
+from kpimon.agents.runtime import RedisServer, ServiceStartError, free_port, wait_for_port
+from kpimon.agents.runtime.apache_kafka import fetch_jars, pinned_version
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -179,7 +180,7 @@ def test_redis_outage_then_start_again(redis_server) -> None:
     try:
         redis_server.stop_process(signal.SIGKILL)
         assert not redis_server.running
-        with pytest.raises(Exception):
+        with pytest.raises(redis.exceptions.ConnectionError):
             client.ping()
         redis_server.start()
         assert client.ping()

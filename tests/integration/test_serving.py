@@ -28,10 +28,10 @@ import redis
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents import statelog
-from agents.runtime import RedisServer
-from agents.simulator import generate
-from streams.events import Decoder
+from kpimon.agents import statelog
+from kpimon.agents.runtime import RedisServer
+from kpimon.agents.simulator import generate
+from kpimon.streams.events import Decoder
 from tests.integration.conftest import Pipeline
 from tests.integration.test_pipeline import good_events
 from tests.reference import accepted_events
@@ -82,7 +82,7 @@ def reflects(client: redis.Redis, key: str, p: Pipeline, source_ends: dict[int, 
         consumer.close()
 
 
-def wait_for(cond, timeout_s: float, what: str, p: Pipeline) -> None:  # noqa: ANN001
+def wait_for(cond, timeout_s: float, what: str, p: Pipeline) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -116,7 +116,7 @@ def at_risk_sets(client: redis.Redis, prefix: str) -> dict[str, list[tuple[int, 
 
 
 @pytest.fixture(scope="module", params=["redis-keeps-its-data", "redis-loses-its-data"])
-def outage_run(request, kafka, tmp_path_factory):  # noqa: ANN001
+def outage_run(request, kafka, tmp_path_factory):
     """One pipeline run with a Redis outage mid-stream; yields what the tests check."""
     persistent = request.param == "redis-keeps-its-data"
     server = RedisServer(extra_args=["--appendonly", "yes"] if persistent else []).start()
@@ -188,7 +188,7 @@ def test_the_at_risk_export_lists_exactly_the_sleeping_users(outage_run):
     run = outage_run
     p, expected, server = run["p"], run["expected"], run["server"]
     env = {**os.environ, "KPIMON_REDIS_URL": server.url, "KPIMON_LOGLEVEL": "WARNING"}
-    out = subprocess.run([sys.executable, "-m", "agents.cli", "users", "at-risk", "--state", "sleeping",
+    out = subprocess.run([sys.executable, "-m", "kpimon.agents.cli", "users", "at-risk", "--state", "sleeping",
                           "--format", "csv", "--config", p.config_path], capture_output=True, env=env, timeout=120,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr.decode()

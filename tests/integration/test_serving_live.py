@@ -21,7 +21,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from streams.events import Decoder
+from kpimon.streams.events import Decoder
 from tests.integration.conftest import Pipeline
 from tests.integration.test_serving import at_risk_sets, redis_users, wait_for
 from tests.serving_reference import STATES, expected_users
@@ -78,7 +78,7 @@ def reference(lines: list[bytes], p: Pipeline) -> dict[str, dict]:
     return expected_users(events, wm, p.settings.lifecycle.thresholds, p.settings.money.decimals)
 
 
-def holds(client, prefix: str, expected: dict[str, dict], p: Pipeline) -> bool:  # noqa: ANN001
+def holds(client, prefix: str, expected: dict[str, dict], p: Pipeline) -> bool:
     """Redis holds exactly the expected users, each in the at-risk set of its state, like the engine."""
     got = redis_users(client, prefix)
     if got != expected:
@@ -89,7 +89,7 @@ def holds(client, prefix: str, expected: dict[str, dict], p: Pipeline) -> bool: 
     return sets == want and {s: len(v) for s, v in sets.items()} == pop
 
 
-def test_users_applied_on_idle_ticks_reach_redis_and_survive_restarts(kafka, redis_server, tmp_path):  # noqa: ANN001
+def test_users_applied_on_idle_ticks_reach_redis_and_survive_restarts(kafka, redis_server, tmp_path):
     server = redis_server
     if True:
         prefix = f"t{uuid.uuid4().hex[:8]}:"

@@ -9,10 +9,10 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from agents import backfill as bf
-from agents import cli
-from agents.simulator import generate
-from streams.events import Decoder
+from kpimon.agents import backfill as bf
+from kpimon.agents import cli
+from kpimon.agents.simulator import generate
+from kpimon.streams.events import Decoder
 
 START = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 
@@ -105,7 +105,7 @@ def test_backfill_command_fails_loudly_on_late_events(tmp_path, monkeypatch, lat
     history.write_text('{"event_id":"e1","user_id":"u1","type":"login","ts":1704067200000}\n')
     seen = {}
 
-    def fake_run(path, settings, **kwargs):  # noqa: ANN001, ANN003, ANN202
+    def fake_run(path, settings, **kwargs):
         seen.update(kwargs)
         return _report(late)
 

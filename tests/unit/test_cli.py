@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from typer.testing import CliRunner
 
-from agents import cli_ledger, demo
-from agents.cli import app
+from kpimon.agents import cli_ledger, demo
+from kpimon.agents.cli import app
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +39,7 @@ class _KpisServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 outer.paths.append(self.path)
                 body = json.dumps({"as_of": name, "kpis": [], "owners": []}).encode()
                 self.send_response(200 if self.path == "/api/kpis" else 404)
@@ -48,7 +48,7 @@ class _KpisServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *args) -> None:  # noqa: ANN002
+            def log_message(self, *args) -> None:
                 pass
 
         self.paths: list[str] = []
@@ -70,7 +70,7 @@ def workers():
         s.close()
 
 
-def _asked(result) -> str:  # noqa: ANN001
+def _asked(result) -> str:
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)["as_of"]
 

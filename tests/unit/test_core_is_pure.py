@@ -12,21 +12,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import agents.core
+import kpimon.agents.core
 
 FORBIDDEN = ("faust", "prometheus_client", "aiokafka")
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def core_modules() -> list[str]:
-    names = [f"agents.core.{m.name}" for m in pkgutil.iter_modules(agents.core.__path__)]
-    return ["agents.core", *sorted(names), "streams.events"]
+    names = [f"kpimon.agents.core.{m.name}" for m in pkgutil.iter_modules(kpimon.agents.core.__path__)]
+    return ["kpimon.agents.core", *sorted(names), "kpimon.streams.events"]
 
 
 def test_core_modules_are_found() -> None:
     mods = core_modules()
-    for expected in ("agents.core.engine", "agents.core.lifecycle", "agents.core.metrics",
-                     "agents.core.aggregate", "agents.core.periods"):
+    for expected in ("kpimon.agents.core.engine", "kpimon.agents.core.lifecycle", "kpimon.agents.core.metrics",
+                     "kpimon.agents.core.aggregate", "kpimon.agents.core.periods"):
         assert expected in mods
 
 
@@ -47,7 +47,7 @@ def test_core_imports_no_framework() -> None:
 
 def test_fence_detects_a_framework_import() -> None:
     """The check itself works: importing the ingest service does pull aiokafka in."""
-    code = "import sys, agents.ingest; print('aiokafka' in sys.modules)"
+    code = "import sys, kpimon.agents.ingest; print('aiokafka' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"

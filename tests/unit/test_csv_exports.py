@@ -10,12 +10,12 @@ import io
 import pytest
 from typer.testing import CliRunner
 
-from agents import csvsafe, serving
-from agents.api import ServingApi
-from agents.cli import app
-from agents.core.periods import Calendar
-from agents.serving import RESET, ServingWriter
-from config.settings import from_mapping
+from kpimon.agents import csvsafe, serving
+from kpimon.agents.api import ServingApi
+from kpimon.agents.cli import app
+from kpimon.agents.core.periods import Calendar
+from kpimon.agents.serving import RESET, ServingWriter
+from kpimon.config.settings import from_mapping
 from tests.unit.test_serving import START, make_settings, zone_of
 
 HYPERLINK = '=HYPERLINK("http://x","y")'
@@ -54,7 +54,7 @@ def test_every_cell_is_quoted_and_reads_back():
     assert list(csv.reader(io.StringIO(buf.getvalue()))) == [["id", "n"], ["a;=1+1", "-5.50"], ['say "hi"', ""]]
 
 
-async def _store(url: str, extra: dict | None = None):  # noqa: ANN202
+async def _store(url: str, extra: dict | None = None):
     s = make_settings(url, **(extra or {}))
     w = ServingWriter(s)
     sleeping = zone_of(s, "sleeping")

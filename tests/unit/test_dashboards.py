@@ -14,8 +14,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from dashboards import build
-from dashboards import queries as dq
+from kpimon.dashboards import build
+from kpimon.dashboards import queries as dq
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES_DIR = ROOT / "deploy" / "rules"
@@ -43,11 +43,11 @@ def _family_names(registry: CollectorRegistry) -> tuple[set[str], set[str]]:
 @pytest.fixture(scope="module")
 def exported() -> tuple[set[str], set[str]]:
     """The metric names the product exports, from its own collectors on a fresh registry (nothing started)."""
-    from agents.exporter import KpimonMetrics, StateCollector, new_registry
-    from agents.health import Health
-    from agents.live_kpis import KpiCollector
-    from agents.serving import ServingWriter
-    from config.settings import from_mapping
+    from kpimon.agents.exporter import KpimonMetrics, StateCollector, new_registry
+    from kpimon.agents.health import Health
+    from kpimon.agents.live_kpis import KpiCollector
+    from kpimon.agents.serving import ServingWriter
+    from kpimon.config.settings import from_mapping
 
     settings = from_mapping({}, "<test>", env={})
     registry = new_registry()

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from agents.core.engine import ACCEPTED, DUPLICATE, LATE, EngineConfig, PartitionEngine
-from streams.events import Decoder
+from kpimon.agents.core.engine import ACCEPTED, DUPLICATE, LATE, EngineConfig, PartitionEngine
+from kpimon.streams.events import Decoder
 from tests.factories import (
     CHURNED,
     DAY,
@@ -458,7 +458,7 @@ def test_late_events_change_nothing() -> None:
 
 def test_dst_day_lengths_new_york() -> None:
     """The calendar the cases above rely on: a 23 h and a 25 h local day."""
-    from agents.core.periods import Calendar
+    from kpimon.agents.core.periods import Calendar
 
     cal = Calendar("America/New_York")
     spring, fall = cal.parse("day", "2024-03-10"), cal.parse("day", "2024-11-03")

@@ -7,12 +7,21 @@ import datetime as dt
 import pytest
 import yaml
 
-from agents import statelog
-from agents.core.engine import EngineConfig, PartitionEngine
-from agents.statelog import Record, Replayer, StateLogError
-from config.settings import ConfigError, from_mapping
-from streams.events import (EARLIEST_TS, MAX_AMOUNT_MINOR, MAX_DEPTH, MIN_TS, Decoder, Reason, Rejected, format_money,
-                            parse_instant)
+from kpimon.agents import statelog
+from kpimon.agents.core.engine import EngineConfig, PartitionEngine
+from kpimon.agents.statelog import Record, Replayer, StateLogError
+from kpimon.config.settings import ConfigError, from_mapping
+from kpimon.streams.events import (
+    EARLIEST_TS,
+    MAX_AMOUNT_MINOR,
+    MAX_DEPTH,
+    MIN_TS,
+    Decoder,
+    Reason,
+    Rejected,
+    format_money,
+    parse_instant,
+)
 from tests.factories import events_factory, ms, rfc3339, settings_factory, to_lines
 from tests.pure_pipeline import partitioner, run_pipeline
 from tests.reference import reference_report
@@ -293,8 +302,8 @@ def test_min_epoch_ms_setting_errors(value, fault):
 
 
 def test_the_worker_decoder_uses_min_epoch_ms():
-    from agents.backfill import scan_max_ts
-    from agents.ingest import IngestService
+    from kpimon.agents.backfill import scan_max_ts
+    from kpimon.agents.ingest import IngestService
 
     settings = settings_factory(min_epoch_ms="1980-01-01T00:00:00Z", redis={"enabled": False})
     assert IngestService(settings).decoder.min_epoch_ms == ms("1980-01-01T00:00:00Z")

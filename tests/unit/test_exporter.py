@@ -8,10 +8,10 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agents.core.engine import EngineConfig, PartitionEngine
-from agents.exporter import KpimonMetrics, StateCollector, Tally
-from config.settings import from_mapping
-from streams.events import Decoder
+from kpimon.agents.core.engine import EngineConfig, PartitionEngine
+from kpimon.agents.exporter import KpimonMetrics, StateCollector, Tally
+from kpimon.config.settings import from_mapping
+from kpimon.streams.events import Decoder
 
 DAY = 86_400_000
 JAN1 = 1_704_067_200_000

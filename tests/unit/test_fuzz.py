@@ -24,12 +24,20 @@ from aiokafka.structs import ConsumerRecord
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from agents import statelog
-from agents.core.engine import EngineConfig, PartitionEngine
-from agents.ingest import process_messages
-from streams import topics as wire
-from streams.events import (EARLIEST_TS, MAX_AMOUNT_MINOR, MAX_DEPTH, MAX_EVENT_BYTES, Decoder, Event, Reason,
-                            Rejected)
+from kpimon.agents import statelog
+from kpimon.agents.core.engine import EngineConfig, PartitionEngine
+from kpimon.agents.ingest import process_messages
+from kpimon.streams import topics as wire
+from kpimon.streams.events import (
+    EARLIEST_TS,
+    MAX_AMOUNT_MINOR,
+    MAX_DEPTH,
+    MAX_EVENT_BYTES,
+    Decoder,
+    Event,
+    Reason,
+    Rejected,
+)
 from tests.factories import DAY, settings_factory
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,

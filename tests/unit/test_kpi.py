@@ -11,8 +11,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.core.formula import FormulaError, parse_formula
-from agents.core.kpi import (
+from kpimon.agents.core.formula import FormulaError, parse_formula
+from kpimon.agents.core.kpi import (
     DEFAULT_CURVE,
     Curve,
     KpiResult,
@@ -26,9 +26,9 @@ from agents.core.kpi import (
     status_for,
     suggest_target,
 )
-from agents.core.periods import Calendar
-from config.kpis import DEFAULT_KPIS_PATH, Holding, Owner, Profile, from_mapping, load_kpis
-from config.settings import ConfigError
+from kpimon.agents.core.periods import Calendar
+from kpimon.config.kpis import DEFAULT_KPIS_PATH, Holding, Owner, Profile, from_mapping, load_kpis
+from kpimon.config.settings import ConfigError
 
 CAL = Calendar("UTC")
 CHANNELS = ("organic", "paid_search", "social", "email", "referral")
@@ -87,7 +87,7 @@ def test_formula_evaluation(text, prev, expected):
     f = parse_formula(text)
 
     def resolve(name):
-        from agents.core.kpi import lookup
+        from kpimon.agents.core.kpi import lookup
         if name.startswith("prev."):
             return None if prev is None else lookup(prev, name[5:])
         return lookup(M, name)
@@ -135,7 +135,7 @@ def test_formula_refuses_other_syntax(text, fault):
 
 
 def test_linear_formulas_are_detected():
-    from agents.core.kpi import _is_additive
+    from kpimon.agents.core.kpi import _is_additive
     assert parse_formula("revenue - refunds").is_linear(_is_additive)
     assert parse_formula("2 * orders / 4").is_linear(_is_additive)
     assert not parse_formula("revenue / active_users").is_linear(_is_additive)
@@ -341,7 +341,8 @@ def test_owner_tree_faults(data, message):
         ("arpu", {"formula": "abs(revenue)"}, "kpis.yaml: kpis.arpu.formula: function calls are not allowed"),
         ("arpu", {"formula": "new_users_by_channel.tv"},
          "kpis.yaml: kpis.arpu.formula: unknown channel 'tv' in 'new_users_by_channel.tv'"),
-        ("nu", {"metric": "prev.new_users"}, "kpis.yaml: kpis.nu.metric: 'prev.new_users': prev. is only allowed in a formula"),
+        ("nu", {"metric": "prev.new_users"},
+         "kpis.yaml: kpis.nu.metric: 'prev.new_users': prev. is only allowed in a formula"),
         ("nu", {"formula": "new_users"}, "kpis.yaml: kpis.nu: give exactly one of metric or formula"),
         ("rev", {"segment": {"channel": "paid_search"}},
          "kpis.yaml: kpis.rev.segment: metric 'revenue' is not available per channel; only new_users "
@@ -358,7 +359,8 @@ def test_owner_tree_faults(data, message):
         ("nu", {"at_risk": 0.7}, "kpis.yaml: kpis.nu: thresholds: need 0 < off_track (0.8) < at_risk (0.7)"),
         ("nu", {"grain": "fortnight"}, "kpis.yaml: kpis.nu.grain: Input should be 'day', 'week', 'month'"),
         ("nu", {"colour": "red"}, "kpis.yaml: kpis.nu.colour: unknown key"),
-        ("nu", {"profile": {"weekday": [1, 1, 1]}}, "kpis.yaml: kpis.nu.profile: weekday: needs 7 weights (Mon..Sun), got 3"),
+        ("nu", {"profile": {"weekday": [1, 1, 1]}},
+         "kpis.yaml: kpis.nu.profile: weekday: needs 7 weights (Mon..Sun), got 3"),
         ("nu", {"payout": {"points": [[1.0, 1.0], [0.8, 0.5]]}},
          "kpis.yaml: kpis.nu.payout: points: attainments must be strictly increasing"),
         ("nu", {"payout": {"points": [[0.8, 0.5], [1.2, 2.0]], "cap": 1.5}},

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import orjson
 
-from agents.core.ledger import Book, canonical, content_hash
-from agents.core.metrics import PeriodMetrics
-from agents.core.periods import Calendar
-from streams.events import Decoder
+from kpimon.agents.core.ledger import Book, canonical, content_hash
+from kpimon.agents.core.metrics import PeriodMetrics
+from kpimon.agents.core.periods import Calendar
+from kpimon.streams.events import Decoder
 
 JAN1 = 1_704_067_200_000
 FEB1 = 1_706_745_600_000

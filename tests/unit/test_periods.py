@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import pickle
 import sys
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import agents.core.periods as periods_mod
-from agents.core.periods import (
+import kpimon.agents.core.periods as periods_mod
+from kpimon.agents.core.periods import (
     GRAINS,
     Calendar,
     Grain,
@@ -27,7 +27,7 @@ from agents.core.periods import (
 D, W, M, Q, Y = Grain.DAY, Grain.WEEK, Grain.MONTH, Grain.QUARTER, Grain.YEAR
 HOUR = 3_600_000
 DAY = 24 * HOUR
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def ms(text: str) -> int:
@@ -321,7 +321,8 @@ def test_periods_ending_at_year_end_returns_all_five_grains():
 
 PERIODS_BETWEEN_CASES = [
     ("UTC", M, "2024-01-15T00:00:00+00:00", "2024-04-01T00:00:00+00:00", ["2024-01", "2024-02", "2024-03"]),
-    ("UTC", M, "2024-01-15T00:00:00+00:00", "2024-04-01T00:00:00.001+00:00", ["2024-01", "2024-02", "2024-03", "2024-04"]),
+    ("UTC", M, "2024-01-15T00:00:00+00:00", "2024-04-01T00:00:00.001+00:00",
+     ["2024-01", "2024-02", "2024-03", "2024-04"]),
     ("UTC", Q, "2023-12-31T00:00:00+00:00", "2024-01-01T00:00:00.001+00:00", ["2023-Q4", "2024-Q1"]),
     ("UTC", W, "2020-12-27T00:00:00+00:00", "2021-01-05T00:00:00+00:00", ["2020-W52", "2020-W53", "2021-W01"]),
     ("UTC", D, "2024-03-14T05:00:00+00:00", "2024-03-14T06:00:00+00:00", ["2024-03-14"]),

@@ -16,8 +16,8 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from agents.core.engine import ACCEPTED
-from streams.events import Decoder
+from kpimon.agents.core.engine import ACCEPTED
+from kpimon.streams.events import Decoder
 from tests.factories import DAY, LATENESS, settings_factory, streams_of_events, to_lines, ts_ms_of
 from tests.pure_pipeline import (
     closed_state,

@@ -14,37 +14,37 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
-from agents import serving, statelog
-from agents.api import ServingApi
-from agents.core.engine import WINDOWS, EngineConfig, PartitionEngine
-from agents.core.lifecycle import STATES, Ladder, Thresholds
-from agents.core.periods import Calendar
-from agents.runtime import RedisServer
-from agents.serving import RESET, Recovery, ServingWriter, Update
-from agents.simulator import generate
-from config.settings import ConfigError, from_mapping
-from streams.events import Decoder, Rejected
-from streams.topics import Topics
+from kpimon.agents import serving, statelog
+from kpimon.agents.api import ServingApi
+from kpimon.agents.core.engine import WINDOWS, EngineConfig, PartitionEngine
+from kpimon.agents.core.lifecycle import STATES, Ladder, Thresholds
+from kpimon.agents.core.periods import Calendar
+from kpimon.agents.runtime import RedisServer
+from kpimon.agents.serving import RESET, Recovery, ServingWriter, Update
+from kpimon.agents.simulator import generate
+from kpimon.config.settings import ConfigError, from_mapping
+from kpimon.streams.events import Decoder, Rejected
+from kpimon.streams.topics import Topics
 from tests.serving_reference import expected_users
 
 DAY = 86_400_000
 START = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 
 
-def make_settings(url: str, **extra) -> object:  # noqa: ANN001
+def make_settings(url: str, **extra) -> object:
     data = {"redis": {"url": url, "key_prefix": f"t{uuid.uuid4().hex[:8]}:"},
             "kafka": {"topic_prefix": "serving-test."}}
     data.update(extra)
     return from_mapping(data, "<test>", env={})
 
 
-def zone_of(settings, state: str) -> int:  # noqa: ANN001
+def zone_of(settings, state: str) -> int:
     ladder = Ladder.build(Thresholds(*settings.lifecycle.thresholds), WINDOWS)
     return ladder.state.index(STATES.index(state))
 
 
 @pytest_asyncio.fixture(loop_scope="function")
-async def client(redis_server):  # noqa: ANN001
+async def client(redis_server):
     c = serving.connect(redis_server.url)
     yield c
     await c.aclose()
@@ -55,11 +55,11 @@ def registry():
     return CollectorRegistry()
 
 
-async def user(client, settings, uid: str) -> dict | None:  # noqa: ANN001
+async def user(client, settings, uid: str) -> dict | None:
     return await serving.get_user(client, settings.redis.key_prefix, uid)
 
 
-async def members(client, settings, state: str) -> list[str]:  # noqa: ANN001
+async def members(client, settings, state: str) -> list[str]:
     raw = await client.zrange(f"{settings.redis.key_prefix}at-risk:{state}", 0, -1)
     return [m.decode() for m in raw]
 
@@ -316,7 +316,7 @@ def _as_dicts(events: list) -> list[dict]:
              "channel": e.channel} for e in events]
 
 
-async def _serving_state(client, settings, uids) -> dict:  # noqa: ANN001
+async def _serving_state(client, settings, uids) -> dict:
     pipe = client.pipeline(transaction=False)
     for uid in uids:
         pipe.hmget(f"{settings.redis.key_prefix}user:{uid}", list(serving.FIELDS))
@@ -436,13 +436,13 @@ class _FakeConsumer:
     def __init__(self) -> None:
         self.sought: dict[int, int] = {}
 
-    async def seek_to_beginning(self, tp) -> None:  # noqa: ANN001
+    async def seek_to_beginning(self, tp) -> None:
         self.sought[tp.partition] = 0
 
-    async def position(self, tp) -> int:  # noqa: ANN001
+    async def position(self, tp) -> int:
         return self.sought[tp.partition]
 
-    def seek(self, tp, offset: int) -> None:  # noqa: ANN001
+    def seek(self, tp, offset: int) -> None:
         self.sought[tp.partition] = offset
 
 
@@ -457,8 +457,8 @@ class _Clock:
         return self.now_ms / 1000
 
 
-def _live_service(settings, producer: _FakeProducer, registry=None):  # noqa: ANN001, ANN202
-    from agents.ingest import IngestService
+def _live_service(settings, producer: _FakeProducer, registry=None):
+    from kpimon.agents.ingest import IngestService
 
     svc = IngestService(settings, serving=ServingWriter(settings, registry, probe_interval=60))
     svc.producer = producer
@@ -466,7 +466,7 @@ def _live_service(settings, producer: _FakeProducer, registry=None):  # noqa: AN
     svc.partitions = 1
     svc.tick_s = 0  # a tick on every poll
 
-    async def read_log(partitions):  # noqa: ANN001, ANN202 - the state log the fake producer kept
+    async def read_log(partitions):
         for p in partitions:
             for offset, value in enumerate(producer.log.get(p, [])):
                 yield p, offset, statelog.decode(value)
@@ -486,7 +486,7 @@ async def test_users_applied_on_idle_ticks_reach_redis_and_a_restart_rebuilds_th
     from aiokafka import TopicPartition
     from aiokafka.structs import ConsumerRecord
 
-    from agents import ingest
+    from kpimon.agents import ingest
 
     s = make_settings(redis_server.url, lateness="1m", worker={"clock": "live"},
                       lifecycle={"silent_after": "1h", "sleeping_after": "2h", "churned_after": "3h",
@@ -513,7 +513,7 @@ async def test_users_applied_on_idle_ticks_reach_redis_and_a_restart_rebuilds_th
         await svc.settle()  # the records are acknowledged: their users are queued
         assert await w.flush()
 
-    async def redis_matches(engine) -> None:  # noqa: ANN001
+    async def redis_matches(engine) -> None:
         want = expected_users(expected_events, engine.wm, s.lifecycle.thresholds)
         assert len(want) == 12
         got = await _serving_state(client, s, sorted(want))
@@ -545,7 +545,7 @@ async def test_users_applied_on_idle_ticks_reach_redis_and_a_restart_rebuilds_th
 
     # A tick moves everyone to sleeping, and the worker dies after the record is durable, before Redis has it.
     lost = []
-    w.submit = lambda p, start, end, touched: lost.append(len(touched))  # noqa: ARG005
+    w.submit = lambda p, start, end, touched: lost.append(len(touched))
     clock.now_ms = START + 150 * 60_000
     await svc.process({})
     await svc.settle()

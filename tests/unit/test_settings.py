@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from config.settings import DEFAULT_PATH, ConfigError, load
+from kpimon.config.settings import DEFAULT_PATH, ConfigError, load
 
 DAY = 86_400_000
 

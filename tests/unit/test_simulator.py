@@ -11,9 +11,9 @@ from decimal import Decimal
 import orjson
 import pytest
 
-from agents.core.engine import ACCEPTED, DUPLICATE, EngineConfig, PartitionEngine
-from agents.core.lifecycle import ACTIVE, CHURNED, DEAD, SILENT, SLEEPING
-from agents.simulator import (
+from kpimon.agents.core.engine import ACCEPTED, DUPLICATE, EngineConfig, PartitionEngine
+from kpimon.agents.core.lifecycle import ACTIVE, CHURNED, DEAD, SILENT, SLEEPING
+from kpimon.agents.simulator import (
     BAD_KINDS,
     DAY_MS,
     DEFAULT_START_MS,
@@ -25,9 +25,9 @@ from agents.simulator import (
     time_scale_for,
     write_dataset,
 )
-from config.settings import load
-from streams.admin import read_lines
-from streams.events import Decoder, Rejected
+from kpimon.config.settings import load
+from kpimon.streams.admin import read_lines
+from kpimon.streams.events import Decoder, Rejected
 
 AMOUNT = re.compile(r"^[0-9]+\.[0-9]{2}$")
 TYPES = {"signup", "purchase", "refund", "invite", "login", "page_view", "session_start", "app_open"}
@@ -269,7 +269,7 @@ def test_bad_and_duplicate_lines_in_a_history() -> None:
     assert sum(c - 1 for line, c in counts.items() if c > 1 and len(line) < 1000) >= status[DUPLICATE] * 0.9
 
 
-def test_write_dataset(tmp_path) -> None:  # noqa: ANN001
+def test_write_dataset(tmp_path) -> None:
     path = tmp_path / "events.jsonl"
     n = write_dataset(str(path), 25_000, seed=1, bad_ratio=0.01)
     lines = list(read_lines(str(path)))

@@ -1,0 +1,5 @@
+"""``python -m kpimon``: the ``kpimon`` command."""
+
+from kpimon.agents.cli import main
+
+main()

@@ -1,0 +1,55 @@
+"""One import name: the wheel installs ``kpimon`` and nothing else at the top of site-packages.
+
+The project's folders (``agents/``, ``streams/``, ``config/``, ``dashboards/``)
+install as ``kpimon.agents`` and so on (pyproject.toml ``package-dir``), so a
+user's own ``config.py`` or an unrelated ``agents`` package cannot clash with
+them.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FOLDERS = ("agents", "streams", "config", "dashboards")
+
+
+def test_the_wheel_installs_one_top_level_name(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = tmp_path.glob("kpimon-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names}
+    assert top == {"kpimon", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, top
+    for folder in FOLDERS:
+        assert f"kpimon/{folder}/__init__.py" in names
+    # data files the code reads at run time
+    for data in ("kpimon/config/kpimon.yaml", "kpimon/config/kpis.yaml", "kpimon/agents/runtime/pom.xml",
+                 "kpimon/dashboards/generated/kpimon-operations.json"):
+        assert data in names
+    assert not [n for n in names if n.startswith("kpimon/tests/") or "/benchmarks/" in n]
+
+
+def test_no_module_imports_a_bare_folder_name() -> None:
+    """Every import of the project's code goes through ``kpimon.``: a bare ``import config``
+    would pick up whatever the user's working folder holds."""
+    bad = []
+    for path in [*ROOT.glob("*/**/*.py")]:
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] not in (*FOLDERS, "tests", "benchmarks", "kpimon"):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            bad += [f"{rel}:{node.lineno}: {n}" for n in names if n.split(".")[0] in FOLDERS]
+    assert not bad, bad
