@@ -19,8 +19,8 @@ from typing import Any
 
 import orjson
 
-from kpimon.agents import backfill as bf
 from kpimon.agents.runtime.ports import free_port
+from kpimon.agents.tools import backfill as bf
 
 RESULTS = Path(__file__).parent / "results"
 _EVENTS_TOTAL = re.compile(rb"^kpimon_events_total\{[^}]*\} (\S+)$", re.M)

@@ -27,9 +27,9 @@ from pathlib import Path
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from kpimon.agents import backfill as bf
 from kpimon.agents.runtime.ports import free_port
-from kpimon.agents.simulator import generate
+from kpimon.agents.tools import backfill as bf
+from kpimon.agents.tools.simulator import generate
 from kpimon.config.settings import from_mapping
 from kpimon.streams import admin
 from kpimon.streams import topics as wire

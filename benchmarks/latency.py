@@ -194,7 +194,7 @@ async def read_state_log(bootstrap: str, topic: str, partitions: int) -> dict[in
     """Per partition: (start, end, clock ms, CreateTime ms) of every state-log record, in order."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from kpimon.agents import statelog
+    from kpimon.agents.worker import statelog
 
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
                          max_partition_fetch_bytes=32 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)

@@ -109,7 +109,7 @@ def _template(case: str, rnd: int, user: int) -> bytes:
 def _measure(case: str, users: int, chunk: int = 4000) -> dict[str, Any]:
     """Runs in a fresh interpreter: RSS delta of feeding ``users`` users into one engine."""
     from kpimon.agents.core.engine import EngineConfig, PartitionEngine
-    from kpimon.agents.ingest import process_messages
+    from kpimon.agents.worker.ingest import process_messages
     from kpimon.config.settings import from_mapping
     from kpimon.streams.events import Decoder
 
@@ -192,7 +192,7 @@ def per_user(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------- soak (live worker)
 async def _soak_load(args: argparse.Namespace, bootstrap: str, topic: str, partitions: int, workers: Any,
                      url: str, samples: list) -> dict[str, Any]:
-    from kpimon.agents.simulator import DAY_MS, EVENTS_PER_USER_DAY, Simulator
+    from kpimon.agents.tools.simulator import DAY_MS, EVENTS_PER_USER_DAY, Simulator
 
     producer = _live.new_producer(bootstrap)
     await producer.start()
@@ -308,10 +308,10 @@ def _row(s: dict, first: dict) -> str:
 
 
 def soak(args: argparse.Namespace) -> dict[str, Any]:
-    from kpimon.agents import backfill as bf
-    from kpimon.agents.demo import DEMO_CONFIG
     from kpimon.agents.runtime.apache_kafka import ApacheKafka
     from kpimon.agents.runtime.ports import free_port
+    from kpimon.agents.tools import backfill as bf
+    from kpimon.agents.tools.demo import DEMO_CONFIG
     from kpimon.config.settings import from_mapping, load
     from kpimon.streams import admin
     from kpimon.streams.topics import Topics

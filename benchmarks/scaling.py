@@ -61,9 +61,9 @@ def main() -> None:
     worker_counts = [int(x) for x in args.workers.split(",")]
 
     from benchmarks.backfill_throughput import START, _FirstProgress, raw_consume
-    from kpimon.agents import backfill as bf
     from kpimon.agents.runtime.apache_kafka import ApacheKafka
-    from kpimon.agents.simulator import generate
+    from kpimon.agents.tools import backfill as bf
+    from kpimon.agents.tools.simulator import generate
     from kpimon.config.settings import from_mapping
     from kpimon.streams import admin
     from kpimon.streams.topics import Topics

@@ -177,7 +177,7 @@ class Worker(_Model):
 
 class Redis(_Model):
     url: str = "redis://127.0.0.1:6379/0"
-    enabled: bool = True  # the serving layer (agents/serving.py); false: the worker never talks to Redis
+    enabled: bool = True  # the serving layer (agents/serving/writer.py); false: the worker never talks to Redis
     key_prefix: str = "kpimon:"  # prepended to every key kpimon writes
 
 
@@ -291,7 +291,7 @@ _ENV = {
 }
 
 
-API_TOKEN_ENV = "KPIMON_API_TOKEN"  # bearer token of the per-user HTTP endpoints (agents/api.py)
+API_TOKEN_ENV = "KPIMON_API_TOKEN"  # bearer token of the per-user HTTP endpoints (agents/http/api.py)
 
 
 def _format_error(source: str, err: ValidationError) -> str:

@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from kpimon.agents.runtime import ApacheKafka, PrometheusServer, RedisServer, TansuBroker
+from kpimon.agents.runtime import ApacheKafka, TansuBroker
+from tests.launchers import PrometheusServer, RedisServer
 
 
 @pytest.fixture(scope="session")

@@ -20,10 +20,10 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from kpimon.agents import statelog
 from kpimon.agents.core.aggregate import Aggregator
 from kpimon.agents.core.engine import EngineConfig, PartitionEngine
-from kpimon.agents.ingest import process_messages
+from kpimon.agents.worker import statelog
+from kpimon.agents.worker.ingest import process_messages
 from kpimon.streams import topics as wire
 from kpimon.streams.events import Decoder, format_money
 

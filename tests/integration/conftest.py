@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from kpimon.agents import backfill as bf
 from kpimon.agents.runtime.ports import free_port
+from kpimon.agents.tools import backfill as bf
 from kpimon.config.settings import Settings, from_mapping
 from kpimon.streams import admin
 from kpimon.streams.topics import Topics

@@ -14,8 +14,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from kpimon.agents import backfill as bf
-from kpimon.agents.simulator import generate
+from kpimon.agents.tools import backfill as bf
+from kpimon.agents.tools.simulator import generate
 from kpimon.config.settings import from_mapping
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from kpimon.agents.demo import run_demo
 from kpimon.agents.runtime.ports import free_port
+from kpimon.agents.tools.demo import run_demo
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -18,8 +18,8 @@ import redis
 import yaml
 
 from kpimon.agents.core.periods import Calendar
-from kpimon.agents.simulator import generate
-from kpimon.agents.snapshots import read_versions
+from kpimon.agents.serving.snapshots import read_versions
+from kpimon.agents.tools.simulator import generate
 from tests.integration.test_pipeline import START, good_events, until_after
 from tests.reference import reference_report
 
@@ -88,7 +88,7 @@ def ledger_pipeline(kafka, redis_server, pipeline_factory, tmp_path):
 
 def _kpimon(p, *args: str) -> str:
     env = dict(os.environ, KPIMON_REDIS_URL=p.settings.redis.url)
-    out = subprocess.run([sys.executable, "-m", "kpimon.agents.cli", *args, "--config", p.config_path],
+    out = subprocess.run([sys.executable, "-m", "kpimon", *args, "--config", p.config_path],
                          capture_output=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr.decode()
     return out.stdout.decode()
@@ -157,7 +157,7 @@ def test_a_late_event_after_close_is_version_two_and_version_one_is_unchanged(le
 
 
 def test_two_backfills_of_the_same_input_give_byte_identical_snapshots(kafka, tmp_path):
-    from kpimon.agents import backfill as bf
+    from kpimon.agents.tools import backfill as bf
     from kpimon.config.settings import from_mapping
 
     lines = list(generate(3000, start_ms=START, seed=22, users=300))

@@ -11,8 +11,8 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from kpimon.agents import backfill as bf
-from kpimon.agents.simulator import generate
+from kpimon.agents.tools import backfill as bf
+from kpimon.agents.tools.simulator import generate
 from kpimon.streams import topics as wire
 from kpimon.streams.events import Decoder, Rejected
 from tests.integration.conftest import by_period

@@ -17,9 +17,9 @@ import yaml
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 
-from kpimon.agents import statelog
 from kpimon.agents.runtime.ports import free_port
-from kpimon.agents.simulator import generate
+from kpimon.agents.tools.simulator import generate
+from kpimon.agents.worker import statelog
 from kpimon.streams import admin
 from kpimon.streams import topics as wire
 from kpimon.streams.events import Reason
@@ -150,7 +150,7 @@ def test_an_existing_topic_with_the_wrong_partition_count_stops_the_worker_befor
     config.write_text(yaml.safe_dump({"kafka": {"broker": f"kafka://{kafka.bootstrap}", "topic_prefix": topics.prefix},
                                       "worker": {"web_port": free_port()}, "redis": {"enabled": False}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("KPIMON_")}
-    done = subprocess.run([sys.executable, "-m", "kpimon.agents.cli", "worker", "--config", str(config)], env=env,
+    done = subprocess.run([sys.executable, "-m", "kpimon", "worker", "--config", str(config)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-3000:]
     (line,) = [ln for ln in done.stderr.splitlines() if "topic error" in ln]

@@ -15,8 +15,9 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from kpimon.agents.runtime import RedisServer, ServiceStartError, free_port, wait_for_port
+from kpimon.agents.runtime import ServiceStartError, free_port, wait_for_port
 from kpimon.agents.runtime.apache_kafka import fetch_jars, pinned_version
+from tests.launchers import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -28,12 +28,12 @@ import redis
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from kpimon.agents import statelog
-from kpimon.agents.runtime import RedisServer
-from kpimon.agents.simulator import generate
+from kpimon.agents.tools.simulator import generate
+from kpimon.agents.worker import statelog
 from kpimon.streams.events import Decoder
 from tests.integration.conftest import Pipeline
 from tests.integration.test_pipeline import good_events
+from tests.launchers import RedisServer
 from tests.reference import accepted_events
 from tests.serving_reference import STATES, expected_users
 
@@ -188,7 +188,7 @@ def test_the_at_risk_export_lists_exactly_the_sleeping_users(outage_run):
     run = outage_run
     p, expected, server = run["p"], run["expected"], run["server"]
     env = {**os.environ, "KPIMON_REDIS_URL": server.url, "KPIMON_LOGLEVEL": "WARNING"}
-    out = subprocess.run([sys.executable, "-m", "kpimon.agents.cli", "users", "at-risk", "--state", "sleeping",
+    out = subprocess.run([sys.executable, "-m", "kpimon", "users", "at-risk", "--state", "sleeping",
                           "--format", "csv", "--config", p.config_path], capture_output=True, env=env, timeout=120,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr.decode()

@@ -11,8 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from typer.testing import CliRunner
 
-from kpimon.agents import cli_ledger, demo
 from kpimon.agents.cli import app
+from kpimon.agents.cli import ledger as cli_ledger
+from kpimon.agents.tools import demo
 
 
 @pytest.fixture(autouse=True)

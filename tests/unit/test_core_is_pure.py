@@ -47,7 +47,7 @@ def test_core_imports_no_framework() -> None:
 
 def test_fence_detects_a_framework_import() -> None:
     """The check itself works: importing the ingest service does pull aiokafka in."""
-    code = "import sys, kpimon.agents.ingest; print('aiokafka' in sys.modules)"
+    code = "import sys, kpimon.agents.worker.ingest; print('aiokafka' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"

@@ -1,4 +1,4 @@
-"""CSV exports cannot be misread as formulas: agents/csvsafe.py and every path that writes CSV
+"""CSV exports cannot be misread as formulas: agents/serving/csvsafe.py and every path that writes CSV
 (``kpimon users at-risk``, ``/api/at-risk?format=csv``; the snapshot export is in test_cli.py)."""
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ import io
 import pytest
 from typer.testing import CliRunner
 
-from kpimon.agents import csvsafe, serving
-from kpimon.agents.api import ServingApi
 from kpimon.agents.cli import app
 from kpimon.agents.core.periods import Calendar
-from kpimon.agents.serving import RESET, ServingWriter
+from kpimon.agents.http.api import ServingApi
+from kpimon.agents.serving import csvsafe
+from kpimon.agents.serving import writer as serving
+from kpimon.agents.serving.writer import RESET, ServingWriter
 from kpimon.config.settings import from_mapping
 from tests.unit.test_serving import START, make_settings, zone_of
 

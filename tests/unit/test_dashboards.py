@@ -43,10 +43,10 @@ def _family_names(registry: CollectorRegistry) -> tuple[set[str], set[str]]:
 @pytest.fixture(scope="module")
 def exported() -> tuple[set[str], set[str]]:
     """The metric names the product exports, from its own collectors on a fresh registry (nothing started)."""
-    from kpimon.agents.exporter import KpimonMetrics, StateCollector, new_registry
-    from kpimon.agents.health import Health
-    from kpimon.agents.live_kpis import KpiCollector
-    from kpimon.agents.serving import ServingWriter
+    from kpimon.agents.metrics.exporter import KpimonMetrics, StateCollector, new_registry
+    from kpimon.agents.metrics.live_kpis import KpiCollector
+    from kpimon.agents.serving.writer import ServingWriter
+    from kpimon.agents.worker.health import Health
     from kpimon.config.settings import from_mapping
 
     settings = from_mapping({}, "<test>", env={})

@@ -7,9 +7,9 @@ import datetime as dt
 import pytest
 import yaml
 
-from kpimon.agents import statelog
 from kpimon.agents.core.engine import EngineConfig, PartitionEngine
-from kpimon.agents.statelog import Record, Replayer, StateLogError
+from kpimon.agents.worker import statelog
+from kpimon.agents.worker.statelog import Record, Replayer, StateLogError
 from kpimon.config.settings import ConfigError, from_mapping
 from kpimon.streams.events import (
     EARLIEST_TS,
@@ -302,8 +302,8 @@ def test_min_epoch_ms_setting_errors(value, fault):
 
 
 def test_the_worker_decoder_uses_min_epoch_ms():
-    from kpimon.agents.backfill import scan_max_ts
-    from kpimon.agents.ingest import IngestService
+    from kpimon.agents.tools.backfill import scan_max_ts
+    from kpimon.agents.worker.ingest import IngestService
 
     settings = settings_factory(min_epoch_ms="1980-01-01T00:00:00Z", redis={"enabled": False})
     assert IngestService(settings).decoder.min_epoch_ms == ms("1980-01-01T00:00:00Z")

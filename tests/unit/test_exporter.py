@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from kpimon.agents.core.engine import EngineConfig, PartitionEngine
-from kpimon.agents.exporter import KpimonMetrics, StateCollector, Tally
+from kpimon.agents.metrics.exporter import KpimonMetrics, StateCollector, Tally
 from kpimon.config.settings import from_mapping
 from kpimon.streams.events import Decoder
 

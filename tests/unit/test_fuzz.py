@@ -24,9 +24,9 @@ from aiokafka.structs import ConsumerRecord
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from kpimon.agents import statelog
 from kpimon.agents.core.engine import EngineConfig, PartitionEngine
-from kpimon.agents.ingest import process_messages
+from kpimon.agents.worker import statelog
+from kpimon.agents.worker.ingest import process_messages
 from kpimon.streams import topics as wire
 from kpimon.streams.events import (
     EARLIEST_TS,

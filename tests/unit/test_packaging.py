@@ -26,8 +26,9 @@ def test_the_wheel_installs_one_top_level_name(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names}
     assert top == {"kpimon", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, top
-    for folder in FOLDERS:
-        assert f"kpimon/{folder}/__init__.py" in names
+    packages = [init.parent.relative_to(ROOT) for folder in FOLDERS for init in (ROOT / folder).rglob("__init__.py")]
+    missing = [str(pkg) for pkg in packages if f"kpimon/{pkg.as_posix()}/__init__.py" not in names]
+    assert not missing, f"packages left out of the wheel (pyproject.toml packages): {missing}"
     # data files the code reads at run time
     for data in ("kpimon/config/kpimon.yaml", "kpimon/config/kpis.yaml", "kpimon/agents/runtime/pom.xml",
                  "kpimon/dashboards/generated/kpimon-operations.json"):

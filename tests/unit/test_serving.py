@@ -1,4 +1,4 @@
-"""The serving layer (agents/serving.py, agents/api.py) against a real redis-server."""
+"""The serving layer (agents/serving/writer.py, agents/http/api.py) against a real redis-server."""
 
 from __future__ import annotations
 
@@ -14,17 +14,18 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
-from kpimon.agents import serving, statelog
-from kpimon.agents.api import ServingApi
 from kpimon.agents.core.engine import WINDOWS, EngineConfig, PartitionEngine
 from kpimon.agents.core.lifecycle import STATES, Ladder, Thresholds
 from kpimon.agents.core.periods import Calendar
-from kpimon.agents.runtime import RedisServer
-from kpimon.agents.serving import RESET, Recovery, ServingWriter, Update
-from kpimon.agents.simulator import generate
+from kpimon.agents.http.api import ServingApi
+from kpimon.agents.serving import writer as serving
+from kpimon.agents.serving.writer import RESET, Recovery, ServingWriter, Update
+from kpimon.agents.tools.simulator import generate
+from kpimon.agents.worker import statelog
 from kpimon.config.settings import ConfigError, from_mapping
 from kpimon.streams.events import Decoder, Rejected
 from kpimon.streams.topics import Topics
+from tests.launchers import RedisServer
 from tests.serving_reference import expected_users
 
 DAY = 86_400_000
@@ -458,7 +459,7 @@ class _Clock:
 
 
 def _live_service(settings, producer: _FakeProducer, registry=None):
-    from kpimon.agents.ingest import IngestService
+    from kpimon.agents.worker.ingest import IngestService
 
     svc = IngestService(settings, serving=ServingWriter(settings, registry, probe_interval=60))
     svc.producer = producer
@@ -486,7 +487,7 @@ async def test_users_applied_on_idle_ticks_reach_redis_and_a_restart_rebuilds_th
     from aiokafka import TopicPartition
     from aiokafka.structs import ConsumerRecord
 
-    from kpimon.agents import ingest
+    from kpimon.agents.worker import ingest
 
     s = make_settings(redis_server.url, lateness="1m", worker={"clock": "live"},
                       lifecycle={"silent_after": "1h", "sleeping_after": "2h", "churned_after": "3h",

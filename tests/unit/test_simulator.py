@@ -13,7 +13,7 @@ import pytest
 
 from kpimon.agents.core.engine import ACCEPTED, DUPLICATE, EngineConfig, PartitionEngine
 from kpimon.agents.core.lifecycle import ACTIVE, CHURNED, DEAD, SILENT, SLEEPING
-from kpimon.agents.simulator import (
+from kpimon.agents.tools.simulator import (
     BAD_KINDS,
     DAY_MS,
     DEFAULT_START_MS,

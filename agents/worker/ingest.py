@@ -31,9 +31,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from kpimon.agents import statelog
 from kpimon.agents.core.engine import EngineConfig, PartitionEngine
-from kpimon.agents.exporter import KpimonMetrics, Tally
+from kpimon.agents.metrics.exporter import KpimonMetrics, Tally
+from kpimon.agents.worker import statelog
 from kpimon.streams import admin
 from kpimon.streams import topics as wire
 from kpimon.streams.events import INVITE, PURCHASE, REFUND, SIGNUP, Decoder, Event, Reason, Rejected
@@ -166,9 +166,9 @@ class IngestService:
         self.cfg = EngineConfig.from_settings(settings)
         self.decoder = Decoder(settings.money.decimals, min_epoch_ms=settings.min_epoch_ms)
         self.metrics = metrics
-        # The serving layer in Redis (agents/serving.py): fed after each state-log record is acknowledged.
+        # The serving layer in Redis (agents/serving/writer.py): fed after each state-log record is acknowledged.
         if serving is None and settings.redis.enabled:
-            from kpimon.agents.serving import ServingWriter
+            from kpimon.agents.serving.writer import ServingWriter
 
             serving = ServingWriter(settings, metrics.registry if metrics is not None else None)
         self.serving = serving or None
@@ -416,10 +416,10 @@ class IngestService:
             started = time.monotonic()
             replayers = {p: statelog.Replayer(PartitionEngine(self.cfg), p) for p in partitions}
             last_outbox: dict[int, list] = {p: [] for p in partitions}
-            # Serving layer: track the users changed past the offset Redis reflects (agents/serving.py).
+            # Serving layer: track the users changed past the offset Redis reflects (agents/serving/writer.py).
             serving = None
             if self.serving is not None:
-                from kpimon.agents.serving import Recovery
+                from kpimon.agents.serving.writer import Recovery
 
                 serving = await Recovery.begin(self.serving, partitions)
             log_end = dict.fromkeys(partitions, 0)  # state-log position reached per partition

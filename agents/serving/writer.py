@@ -107,9 +107,10 @@ from typing import Any
 import msgspec
 import orjson
 
-from kpimon.agents import csvsafe, statelog
 from kpimon.agents.core.engine import WINDOWS, PartitionEngine
 from kpimon.agents.core.lifecycle import STATES, Ladder, Thresholds
+from kpimon.agents.serving import csvsafe
+from kpimon.agents.worker import statelog
 from kpimon.streams.events import PURCHASE, REFUND, format_money
 from kpimon.streams.topics import Topics
 

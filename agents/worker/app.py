@@ -1,11 +1,11 @@
 """Builds the faust app from settings and binds its services, agents and tables.
 
-* ``IngestWorker`` (an ``app.service``): the batch hot path, see agents/ingest.py.
+* ``IngestWorker`` (an ``app.service``): the batch hot path, see agents/worker/ingest.py.
 * ``aggregate`` (an agent) with three Tables: closes periods globally from the
   partitions' partials and progress (low volume: a few messages per partition
   per period), and publishes them on ``kpimon.periods``.
 * ``/metrics`` (an ``app.page``): Prometheus exposition.
-* ``/healthz``: 503 while a loop is down (agents/health.py).
+* ``/healthz``: 503 while a loop is down (agents/worker/health.py).
 
 A failure that escapes the ingest loop, an agent or faust itself marks the
 loop down, counts it, and stops the worker: ``kpimon worker`` then exits with
@@ -34,11 +34,11 @@ from kpimon.agents.core.aggregate import Aggregator
 from kpimon.agents.core.ledger import Book, canonical
 from kpimon.agents.core.metrics import PeriodMetrics
 from kpimon.agents.core.periods import Calendar
-from kpimon.agents.exporter import KpimonMetrics, StateCollector, new_registry
-from kpimon.agents.health import Health
-from kpimon.agents.ingest import IngestService
-from kpimon.agents.live_kpis import KpiCollector, LiveKpis
-from kpimon.agents.snapshots import SnapshotStore
+from kpimon.agents.metrics.exporter import KpimonMetrics, StateCollector, new_registry
+from kpimon.agents.metrics.live_kpis import KpiCollector, LiveKpis
+from kpimon.agents.serving.snapshots import SnapshotStore
+from kpimon.agents.worker.health import Health
+from kpimon.agents.worker.ingest import IngestService
 from kpimon.streams import topics as wire
 from kpimon.streams.events import Decoder, Rejected
 from kpimon.streams.topics import Topics
@@ -87,7 +87,7 @@ class LedgerTable(faust.Table):
     raises ``TypeError: Cannot modify table key from outside of stream
     iteration`` because it takes the changelog partition from that event.
     With one partition it is always 0.  (The partition counts are verified
-    before the worker starts: agents/cli.py, streams/admin.py.)
+    before the worker starts: agents/cli/pipeline.py, streams/admin.py.)
     """
 
     def partition_for_key(self, key: Any) -> int:
@@ -160,7 +160,7 @@ def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spe
     app.kpimon_registry = registry
     health = Health(registry)
     app.kpimon_health = health
-    # How a loop's failure stops the process: `kpimon worker` sets this (agents/cli.py) to stop the
+    # How a loop's failure stops the process: `kpimon worker` sets this (agents/cli/pipeline.py) to stop the
     # faust Worker with exit code 1.  Without it (tests, embedding) the faust app is crashed.
     app.kpimon_on_fatal = None
 
@@ -338,7 +338,7 @@ def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spe
         status, body = health.status(partitions=sorted(ingest.engines), batches=ingest.batches)
         return web.json(body, status=status)
 
-    from kpimon.agents.api import register_api
+    from kpimon.agents.http.api import register_api
 
     register_api(app, ingest, settings)  # /api/users/{id}, /api/at-risk (bearer token)
     return app

@@ -1,43 +1,15 @@
-"""The ``kpimon`` command."""
+"""The pipeline commands: worker, broker, send, backfill, demo."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from kpimon.config.settings import ConfigError, Settings, load
-
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="kpimon: streaming KPI monitor for user operations (AARRR, lifecycle, KPI targets).")
-err = Console(stderr=True)
-
-ConfigOpt = typer.Option(None, "--config", "-c", help="Path to kpimon.yaml (default: the packaged defaults).",
-                         envvar="KPIMON_CONFIG")
-
-
-def _config_error(exc: ConfigError) -> typer.Exit:
-    err.print(f"[red]configuration error[/red]\n{exc}")
-    return typer.Exit(2)
-
-
-def _settings(path: Path | None) -> Settings:
-    try:
-        return load(path)
-    except ConfigError as exc:
-        raise _config_error(exc) from None
-
-
-def _kpi_spec(settings: Settings):
-    try:
-        return settings.load_kpis()
-    except ConfigError as exc:
-        raise _config_error(exc) from None
+from kpimon.agents.cli.common import ConfigOpt, app, err, load_kpi_spec, load_settings
 
 
 @app.command()
@@ -51,12 +23,12 @@ def worker(config: Path | None = ConfigOpt,
     """
     import faust
 
-    from kpimon.agents.app import create_app, internal_topics
+    from kpimon.agents.worker.app import create_app, internal_topics
     from kpimon.streams import admin
     from kpimon.streams.topics import Topics
 
-    settings = _settings(config)
-    faust_app = create_app(settings, kpi_spec=_kpi_spec(settings))
+    settings = load_settings(config)
+    faust_app = create_app(settings, kpi_spec=load_kpi_spec(settings))
     # Every topic exists with its partition count before any agent or consumer starts: on a fresh
     # broker faust would otherwise subscribe first and the broker auto-create them (wrong counts).
     bootstrap = settings.kafka.bootstrap
@@ -140,7 +112,7 @@ def send(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSO
     from kpimon.streams import admin
     from kpimon.streams.topics import Topics
 
-    settings = _settings(config)
+    settings = load_settings(config)
     bootstrap = (broker_url or settings.kafka.broker).split("://", 1)[-1]
     topics = Topics(settings.kafka.topic_prefix, settings.worker.app_id)
     admin.ensure_topics(bootstrap, topics, settings.kafka.partitions)
@@ -184,10 +156,10 @@ def backfill(file: Path = typer.Argument(..., exists=True, dir_okay=False, help=
     """Run a history file (in any order) through the real pipeline and write the closed-period report."""
     from rich.progress import Progress
 
-    from kpimon.agents import backfill as bf
+    from kpimon.agents.tools import backfill as bf
     from kpimon.streams import admin
 
-    settings = _settings(config)
+    settings = load_settings(config)
     total = sum(1 for _ in admin.read_lines(str(file)))
     try:
         with Progress(console=err, transient=True) as progress:
@@ -221,91 +193,9 @@ def demo(config: Path | None = ConfigOpt,
          web_port: int | None = typer.Option(None, help="Port of the worker's /metrics (default: worker.web_port "
                                                            "of the configuration, or KPIMON_WEB_PORT).")) -> None:
     """Embedded broker + worker + simulated traffic on compressed time, with a live summary."""
-    from kpimon.agents import demo as demo_mod
+    from kpimon.agents.tools import demo as demo_mod
 
     # file, then environment (load applies KPIMON_*), then flags; config/demo.yaml without --config
-    settings = _settings(config if config is not None else demo_mod.DEMO_CONFIG)
+    settings = load_settings(config if config is not None else demo_mod.DEMO_CONFIG)
     demo_mod.run_demo(settings, duration=duration, rate=rate, users=users,
                       web_port=settings.worker.web_port if web_port is None else web_port, console=err)
-
-
-from kpimon.agents import cli_ledger  # noqa: E402,F401 - registers kpis, snapshots, scorecard, targets
-
-users_app = typer.Typer(no_args_is_help=True, help="Per-user serving layer in Redis (lifecycle state, at-risk lists).")
-
-
-@users_app.command("at-risk")
-def users_at_risk(state: str = typer.Option(..., "--state", help="active, silent, sleeping, churned or dead."),
-                  fmt: str = typer.Option("csv", "--format", help="csv or json."),
-                  limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many users."),
-                  config: Path | None = ConfigOpt) -> None:
-    """Export the users in a lifecycle state for outreach, longest inactive first (reads Redis)."""
-    import asyncio
-
-    from kpimon.agents import serving
-    from kpimon.agents.core.lifecycle import STATES
-    from kpimon.agents.core.periods import Calendar
-
-    settings = _settings(config)
-    if state not in STATES or fmt not in ("csv", "json"):
-        err.print(f"[red]--state must be one of {', '.join(STATES)}; --format csv or json[/red]")
-        raise typer.Exit(2)
-
-    async def run() -> int:
-        client = serving.connect(settings.redis.url)
-        try:
-            return await serving.export_at_risk(client, settings.redis.key_prefix, state, fmt,
-                                                Calendar(settings.timezone), sys.stdout.write, limit)
-        finally:
-            await client.aclose()
-
-    try:
-        n = asyncio.run(run())
-    except serving.redis_errors() as exc:
-        err.print(f"[red]serving layer unavailable at {settings.redis.url}:[/red] {exc}")
-        raise typer.Exit(1) from None
-    err.print(f"{n} users in state {state}")
-
-
-@users_app.command("get")
-def users_get(user_id: str = typer.Argument(..., help="The user_id."), config: Path | None = ConfigOpt) -> None:
-    """One user's serving state as JSON (reads Redis)."""
-    import asyncio
-
-    from kpimon.agents import serving
-    from kpimon.agents.core.periods import Calendar
-
-    settings = _settings(config)
-
-    async def run() -> dict | None:
-        client = serving.connect(settings.redis.url)
-        try:
-            return await serving.get_user(client, settings.redis.key_prefix, user_id)
-        finally:
-            await client.aclose()
-
-    try:
-        user = asyncio.run(run())
-    except serving.redis_errors() as exc:
-        err.print(f"[red]serving layer unavailable at {settings.redis.url}:[/red] {exc}")
-        raise typer.Exit(1) from None
-    if user is None:
-        err.print(f"unknown user {user_id!r}")
-        raise typer.Exit(1)
-    sys.stdout.write(json.dumps(serving.present(user, Calendar(settings.timezone)), indent=2) + "\n")
-
-
-app.add_typer(users_app, name="users")
-
-
-def main() -> None:
-    logging.basicConfig(level=os.environ.get("KPIMON_LOGLEVEL", "WARNING"))
-    app()
-
-
-if __name__ == "__main__":
-    # Run through the importable module so that sub-commands registered on
-    # ``agents.cli.app`` by other modules (agents.cli_ledger) are present.
-    from kpimon.agents.cli import main as _main
-
-    _main()

@@ -42,9 +42,9 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from kpimon.agents.backfill import spawn_worker, stop_worker, worker_settings, write_config
 from kpimon.agents.core.lifecycle import STATES
-from kpimon.agents.simulator import Simulator, bad_line, time_scale_for
+from kpimon.agents.tools.backfill import spawn_worker, stop_worker, worker_settings, write_config
+from kpimon.agents.tools.simulator import Simulator, bad_line, time_scale_for
 from kpimon.config.settings import Settings, load
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"

@@ -15,10 +15,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kpimon.agents import csvsafe
-from kpimon.agents.cli import ConfigOpt, _kpi_spec, _settings, app, err
+from kpimon.agents.cli.common import ConfigOpt, app, err, load_kpi_spec, load_settings
 from kpimon.agents.core.periods import Calendar
-from kpimon.agents.snapshots import list_periods, read_versions
+from kpimon.agents.serving import csvsafe
+from kpimon.agents.serving.snapshots import list_periods, read_versions
 from kpimon.streams.events import parse_instant
 
 snapshots_app = typer.Typer(help="The period-close ledger: every version of every closed period.", no_args_is_help=True)
@@ -80,7 +80,7 @@ def kpis(worker: str | None = typer.Option(None, help="URL of the worker running
          config: Path | None = ConfigOpt) -> None:
     """Live scorecard of the open periods (from the worker's /api/kpis)."""
     if worker is None:
-        worker = worker_url(_settings(config))
+        worker = worker_url(load_settings(config))
     try:
         with urllib.request.urlopen(f"{worker.rstrip('/')}/api/kpis", timeout=10) as resp:
             data = json.loads(resp.read())
@@ -115,7 +115,7 @@ def kpis(worker: str | None = typer.Option(None, help="URL of the worker running
 def snapshots_list(grain: str | None = typer.Option(None, help="day, week, month, quarter or year."),
                    config: Path | None = ConfigOpt) -> None:
     """Closed periods in the ledger with their latest version."""
-    settings = _settings(config)
+    settings = load_settings(config)
     table = Table()
     for col in ("grain", "period", "versions"):
         table.add_column(col)
@@ -129,7 +129,7 @@ def snapshots_show(period: str = typer.Argument(..., help="Period label: 2024-03
                    version: int | None = typer.Option(None, help="A version (default: all)."),
                    config: Path | None = ConfigOpt) -> None:
     """Every version of one period's snapshot (JSON)."""
-    settings = _settings(config)
+    settings = load_settings(config)
     versions = read_versions(_redis(settings), _prefix(settings), _grain_of(period), period)
     if version is not None:
         versions = [v for v in versions if v["version"] == version]
@@ -144,7 +144,7 @@ def snapshots_export(period: str = typer.Argument(...),
                      fmt: str = typer.Option("json", "--format", help="json or csv"),
                      config: Path | None = ConfigOpt) -> None:
     """The latest version of a period: JSON, or CSV rows of its KPIs and owners' contributions."""
-    settings = _settings(config)
+    settings = load_settings(config)
     snap = _latest(settings, _grain_of(period), period)
     if fmt == "json":
         sys.stdout.write(json.dumps(snap, indent=2) + "\n")
@@ -173,7 +173,7 @@ def scorecard(owner: str = typer.Option(..., help="Owner id from the KPI spec.")
               period: str = typer.Option(..., help="A closed period, e.g. 2024-03."),
               config: Path | None = ConfigOpt) -> None:
     """An owner's KPIs, contributions and bonus multiplier for a closed period (latest version)."""
-    settings = _settings(config)
+    settings = load_settings(config)
     snap = _latest(settings, _grain_of(period), period)
     score = next((o for o in snap["owners"] if o["owner"] == owner), None)
     if score is None:
@@ -201,8 +201,8 @@ def targets_suggest(kpi: str = typer.Option(..., help="KPI id."),
     """Propose the next period's target from closed snapshots, as YAML to paste into the KPI spec."""
     from kpimon.agents.core.kpi import suggest_target
 
-    settings = _settings(config)
-    spec = _kpi_spec(settings)
+    settings = load_settings(config)
+    spec = load_kpi_spec(settings)
     if spec is None:
         err.print("[red]no KPI spec configured (kpis: in kpimon.yaml)[/red]")
         raise typer.Exit(2)

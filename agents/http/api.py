@@ -1,4 +1,4 @@
-"""HTTP API of the worker over the serving layer (agents/serving.py).
+"""HTTP API of the worker over the serving layer (agents/serving/writer.py).
 
 * ``GET /api/users/{user_id}``: one user's lifecycle state, last activity,
   signup time and channel, lifetime revenue.
@@ -28,9 +28,9 @@ from typing import Any
 
 import orjson
 
-from kpimon.agents import serving
 from kpimon.agents.core.lifecycle import STATES
 from kpimon.agents.core.periods import Calendar
+from kpimon.agents.serving import writer as serving
 
 log = logging.getLogger("kpimon.api")
 

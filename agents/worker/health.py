@@ -1,9 +1,9 @@
 """Which of the worker's loops are down, and why: ``/healthz`` and ``kpimon_loop_crashes_total``.
 
-The loops are the ingest loop (agents/ingest.py), the faust agents
+The loops are the ingest loop (agents/worker/ingest.py), the faust agents
 ``aggregate`` and ``restate``, and faust itself (a crash of the faust app
 outside an agent).  A loop that fails is marked down with its reason and
-counted; the worker then stops with exit code 1 (agents/app.py), so
+counted; the worker then stops with exit code 1 (agents/worker/app.py), so
 ``/healthz`` answers 503 from the failure until the process is gone.
 """
 

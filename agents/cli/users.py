@@ -1,0 +1,77 @@
+"""The per-user commands on the serving layer in Redis: users at-risk, users get."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from kpimon.agents.cli.common import ConfigOpt, app, err, load_settings
+
+users_app = typer.Typer(no_args_is_help=True, help="Per-user serving layer in Redis (lifecycle state, at-risk lists).")
+
+
+@users_app.command("at-risk")
+def users_at_risk(state: str = typer.Option(..., "--state", help="active, silent, sleeping, churned or dead."),
+                  fmt: str = typer.Option("csv", "--format", help="csv or json."),
+                  limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many users."),
+                  config: Path | None = ConfigOpt) -> None:
+    """Export the users in a lifecycle state for outreach, longest inactive first (reads Redis)."""
+    import asyncio
+
+    from kpimon.agents.core.lifecycle import STATES
+    from kpimon.agents.core.periods import Calendar
+    from kpimon.agents.serving import writer as serving
+
+    settings = load_settings(config)
+    if state not in STATES or fmt not in ("csv", "json"):
+        err.print(f"[red]--state must be one of {', '.join(STATES)}; --format csv or json[/red]")
+        raise typer.Exit(2)
+
+    async def run() -> int:
+        client = serving.connect(settings.redis.url)
+        try:
+            return await serving.export_at_risk(client, settings.redis.key_prefix, state, fmt,
+                                                Calendar(settings.timezone), sys.stdout.write, limit)
+        finally:
+            await client.aclose()
+
+    try:
+        n = asyncio.run(run())
+    except serving.redis_errors() as exc:
+        err.print(f"[red]serving layer unavailable at {settings.redis.url}:[/red] {exc}")
+        raise typer.Exit(1) from None
+    err.print(f"{n} users in state {state}")
+
+
+@users_app.command("get")
+def users_get(user_id: str = typer.Argument(..., help="The user_id."), config: Path | None = ConfigOpt) -> None:
+    """One user's serving state as JSON (reads Redis)."""
+    import asyncio
+
+    from kpimon.agents.core.periods import Calendar
+    from kpimon.agents.serving import writer as serving
+
+    settings = load_settings(config)
+
+    async def run() -> dict | None:
+        client = serving.connect(settings.redis.url)
+        try:
+            return await serving.get_user(client, settings.redis.key_prefix, user_id)
+        finally:
+            await client.aclose()
+
+    try:
+        user = asyncio.run(run())
+    except serving.redis_errors() as exc:
+        err.print(f"[red]serving layer unavailable at {settings.redis.url}:[/red] {exc}")
+        raise typer.Exit(1) from None
+    if user is None:
+        err.print(f"unknown user {user_id!r}")
+        raise typer.Exit(1)
+    sys.stdout.write(json.dumps(serving.present(user, Calendar(settings.timezone)), indent=2) + "\n")
+
+
+app.add_typer(users_app, name="users")

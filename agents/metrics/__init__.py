@@ -1,0 +1,1 @@
+"""Prometheus export: counters, scrape-time state gauges and live KPI gauges."""

@@ -1,0 +1,1 @@
+"""The worker: the faust app, the batch ingest loop, the state log, recovery and loop health."""
