@@ -34,13 +34,16 @@ from pydantic import (
 )
 
 from kpimon.agents.core.periods import format_duration, parse_duration
+from kpimon.errors import EXIT_CONFIG, KpimonError
 
 DEFAULT_PATH = Path(__file__).with_name("kpimon.yaml")
 STATES = ("active", "silent", "sleeping", "churned", "dead")
 
 
-class ConfigError(Exception):
+class ConfigError(KpimonError):
     """A configuration problem; the message names file, key and fault."""
+
+    exit_code = EXIT_CONFIG
 
 
 def _duration(value: Any) -> int:

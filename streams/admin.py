@@ -8,32 +8,68 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import orjson
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import errors as kafka_errors
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
+from kpimon.errors import EXIT_CONFIG, BrokerUnavailable, KpimonError
 from kpimon.streams.topics import WATERMARK_HEADER, Topics
 
+WAIT_S = 30.0  # the worker at start-up: how long to wait for a broker that is still starting
+CLI_WAIT_S = 5.0  # a command (kpimon send): how long to try before saying the broker is unreachable
+# What a client raises when nobody answers (kafka-python 2.x: NoBrokersAvailable; 3.x: KafkaTimeoutError
+# "Unable to bootstrap"); looked up by name because 3.x has no NoBrokersAvailable.
+_UNREACHABLE: tuple[type[BaseException], ...] = (OSError, *(
+    getattr(kafka_errors, n) for n in ("NoBrokersAvailable", "KafkaTimeoutError", "KafkaConnectionError")
+    if hasattr(kafka_errors, n)))
 
-def _admin(bootstrap: str) -> KafkaAdminClient:
-    deadline = time.monotonic() + 30
+
+def _bootstrap_opts(cls: Any, timeout_s: float) -> dict[str, int]:
+    """The client option that bounds the first connection: kafka-python 3 bootstraps for
+    ``bootstrap_timeout_ms`` (30 s by default) in the constructor; 2.x probes the API version for
+    ``api_version_auto_timeout_ms`` and raises NoBrokersAvailable."""
+    ms = max(500, int(timeout_s * 1000))
+    key = "bootstrap_timeout_ms" if "bootstrap_timeout_ms" in cls.DEFAULT_CONFIG else "api_version_auto_timeout_ms"
+    return {key: ms}
+
+
+def unreachable(bootstrap: str, exc: BaseException) -> BrokerUnavailable:
+    """The one message for a broker that cannot be reached."""
+    name, text = type(exc).__name__, str(exc)
+    detail = text if text.startswith(name) else f"{name}: {text}" if text else name
+    return BrokerUnavailable(f"cannot reach the broker at {bootstrap}: {detail}")
+
+
+def _admin(bootstrap: str, wait_s: float = WAIT_S) -> KafkaAdminClient:
+    """An admin client; retries for ``wait_s``, then :class:`BrokerUnavailable` if the broker cannot be reached."""
+    deadline = time.monotonic() + wait_s
     while True:
+        remaining = deadline - time.monotonic()
         try:
-            return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="kpimon-admin", request_timeout_ms=15000)
+            return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="kpimon-admin", request_timeout_ms=15000,
+                                    **_bootstrap_opts(KafkaAdminClient, min(remaining, wait_s)))
+        except _UNREACHABLE as exc:
+            if time.monotonic() > deadline:
+                raise unreachable(bootstrap, exc) from exc
+            time.sleep(0.2)
         except Exception:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
 
 
-class TopicMismatch(RuntimeError):
-    """An existing topic has the wrong partition count; the message is one line naming it."""
+class TopicMismatch(KpimonError, RuntimeError):
+    """An existing topic has the wrong partition count; the message is one line naming it (exit status 2)."""
+
+    exit_code = EXIT_CONFIG
 
 
 def ensure_topics(bootstrap: str, topics: Topics, partitions: int,
-                  extra: Mapping[str, tuple[int, Mapping[str, str]]] | None = None) -> int:
+                  extra: Mapping[str, tuple[int, Mapping[str, str]]] | None = None, wait_s: float = WAIT_S) -> int:
     """Create missing topics, verify every partition count; return the partition count of the events topic.
 
     The state log gets the events topic's partition count (partition *p* of the
@@ -41,8 +77,9 @@ def ensure_topics(bootstrap: str, topics: Topics, partitions: int,
     ``extra`` maps further topic names (the faust Tables' changelogs) to their
     partition count and topic configs.  A topic that exists with another
     partition count than wanted raises :class:`TopicMismatch`: nothing is changed.
+    A broker that cannot be reached within ``wait_s`` raises :class:`BrokerUnavailable`.
     """
-    admin = _admin(bootstrap)
+    admin = _admin(bootstrap, wait_s)
     try:
         existing = set(admin.list_topics())
         events_parts = partitions
@@ -124,8 +161,11 @@ def user_key(line: bytes) -> bytes | None:
 
 
 def producer(bootstrap: str) -> KafkaProducer:
-    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=512 * 1024,
-                         max_request_size=16 * 1024 * 1024)
+    try:
+        return KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=512 * 1024,
+                             max_request_size=16 * 1024 * 1024)
+    except _UNREACHABLE as exc:
+        raise unreachable(bootstrap, exc) from exc
 
 
 def produce_lines(bootstrap: str, topic: str, lines: Iterable[bytes], progress=None) -> int:

@@ -21,6 +21,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from kpimon.errors import KpimonError
+
 MAX_EVENT_BYTES = 64 * 1024
 # Deepest JSON nesting accepted anywhere in an event (extra fields included).  msgspec
 # recurses on nesting; a fixed limit keeps the decision independent of the caller's stack.
@@ -51,7 +53,7 @@ class Reason(StrEnum):
     TOO_LARGE = "too_large"
 
 
-class Rejected(Exception):
+class Rejected(KpimonError):
     """An event that cannot be accepted; carries a bounded reason and a detail."""
 
     __slots__ = ("reason", "detail")

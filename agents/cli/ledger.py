@@ -17,7 +17,7 @@ from rich.table import Table
 
 from kpimon.agents.cli.common import ConfigOpt, app, err, load_kpi_spec, load_settings
 from kpimon.agents.core.periods import Calendar
-from kpimon.agents.serving import csvsafe
+from kpimon.agents.serving import csvsafe, redis_client
 from kpimon.agents.serving.snapshots import list_periods, read_versions
 from kpimon.streams.events import parse_instant
 
@@ -29,14 +29,12 @@ out = Console()
 
 
 def _redis(settings: Any):
-    import redis
-
-    client = redis.Redis.from_url(settings.redis.url, socket_timeout=5, socket_connect_timeout=5)
+    """A synchronous client of the ledger's Redis, checked; :class:`RedisUnavailable` (exit 1) if it is down."""
+    client = redis_client.client(settings.redis.url, asyncio=False)
     try:
         client.ping()
-    except redis.RedisError as exc:
-        err.print(f"[red]cannot reach Redis at redis.url:[/red] {exc}")
-        raise typer.Exit(1) from None
+    except redis_client.errors() as exc:
+        raise redis_client.unavailable(settings.redis.url, exc) from None
     return client
 
 

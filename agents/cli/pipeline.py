@@ -115,7 +115,7 @@ def send(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSO
     settings = load_settings(config)
     bootstrap = (broker_url or settings.kafka.broker).split("://", 1)[-1]
     topics = Topics(settings.kafka.topic_prefix, settings.worker.app_id)
-    admin.ensure_topics(bootstrap, topics, settings.kafka.partitions)
+    admin.ensure_topics(bootstrap, topics, settings.kafka.partitions, wait_s=admin.CLI_WAIT_S)
     total = sum(1 for _ in admin.read_lines(str(file)))
     with Progress(console=err) as progress:
         task = progress.add_task(f"sending to {topics.events}", total=total)

@@ -23,7 +23,7 @@ def users_at_risk(state: str = typer.Option(..., "--state", help="active, silent
 
     from kpimon.agents.core.lifecycle import STATES
     from kpimon.agents.core.periods import Calendar
-    from kpimon.agents.serving import writer as serving
+    from kpimon.agents.serving import read, redis_client
 
     settings = load_settings(config)
     if state not in STATES or fmt not in ("csv", "json"):
@@ -31,18 +31,17 @@ def users_at_risk(state: str = typer.Option(..., "--state", help="active, silent
         raise typer.Exit(2)
 
     async def run() -> int:
-        client = serving.connect(settings.redis.url)
+        client = redis_client.client(settings.redis.url, asyncio=True)
         try:
-            return await serving.export_at_risk(client, settings.redis.key_prefix, state, fmt,
+            return await read.export_at_risk(client, settings.redis.key_prefix, state, fmt,
                                                 Calendar(settings.timezone), sys.stdout.write, limit)
         finally:
             await client.aclose()
 
     try:
         n = asyncio.run(run())
-    except serving.redis_errors() as exc:
-        err.print(f"[red]serving layer unavailable at {settings.redis.url}:[/red] {exc}")
-        raise typer.Exit(1) from None
+    except redis_client.errors() as exc:
+        raise redis_client.unavailable(settings.redis.url, exc) from None
     err.print(f"{n} users in state {state}")
 
 
@@ -52,26 +51,25 @@ def users_get(user_id: str = typer.Argument(..., help="The user_id."), config: P
     import asyncio
 
     from kpimon.agents.core.periods import Calendar
-    from kpimon.agents.serving import writer as serving
+    from kpimon.agents.serving import read, redis_client
 
     settings = load_settings(config)
 
     async def run() -> dict | None:
-        client = serving.connect(settings.redis.url)
+        client = redis_client.client(settings.redis.url, asyncio=True)
         try:
-            return await serving.get_user(client, settings.redis.key_prefix, user_id)
+            return await read.get_user(client, settings.redis.key_prefix, user_id)
         finally:
             await client.aclose()
 
     try:
         user = asyncio.run(run())
-    except serving.redis_errors() as exc:
-        err.print(f"[red]serving layer unavailable at {settings.redis.url}:[/red] {exc}")
-        raise typer.Exit(1) from None
+    except redis_client.errors() as exc:
+        raise redis_client.unavailable(settings.redis.url, exc) from None
     if user is None:
         err.print(f"unknown user {user_id!r}")
         raise typer.Exit(1)
-    sys.stdout.write(json.dumps(serving.present(user, Calendar(settings.timezone)), indent=2) + "\n")
+    sys.stdout.write(json.dumps(read.present(user, Calendar(settings.timezone)), indent=2) + "\n")
 
 
 app.add_typer(users_app, name="users")

@@ -31,6 +31,8 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
+from kpimon.errors import EXIT_CONFIG, KpimonError
+
 __all__ = ["PREV", "Formula", "FormulaError", "parse_formula", "to_fraction"]
 
 PREV = "prev."
@@ -40,8 +42,10 @@ MAX_NODES = 200
 Resolver = Callable[[str], "Fraction | None"]
 
 
-class FormulaError(ValueError):
-    """A formula that is not valid in the KPI expression language."""
+class FormulaError(KpimonError, ValueError):
+    """A formula that is not valid in the KPI expression language (a configuration error: exit status 2)."""
+
+    exit_code = EXIT_CONFIG
 
 
 _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}

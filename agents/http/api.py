@@ -1,4 +1,4 @@
-"""HTTP API of the worker over the serving layer (agents/serving/writer.py).
+"""HTTP API of the worker over the serving layer (agents/serving/writer.py, read back by agents/serving/read.py).
 
 * ``GET /api/users/{user_id}``: one user's lifecycle state, last activity,
   signup time and channel, lifetime revenue.
@@ -30,7 +30,7 @@ import orjson
 
 from kpimon.agents.core.lifecycle import STATES
 from kpimon.agents.core.periods import Calendar
-from kpimon.agents.serving import writer as serving
+from kpimon.agents.serving import read, redis_client
 
 log = logging.getLogger("kpimon.api")
 
@@ -52,7 +52,7 @@ class ServingApi:
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = serving.connect(self.settings.redis.url, timeout=3.0)
+            self._client = redis_client.client(self.settings.redis.url, asyncio=True)
         return self._client
 
     def _deny(self, authorization: str | None) -> tuple[int, Any, str, dict] | None:
@@ -70,12 +70,12 @@ class ServingApi:
         if denied is not None:
             return denied
         try:
-            user = await serving.get_user(self.client, self.prefix, user_id)
-        except serving.redis_errors() as err:
+            user = await read.get_user(self.client, self.prefix, user_id)
+        except redis_client.errors() as err:
             return 503, {"error": f"serving layer unavailable: {type(err).__name__}"}, "json", {}
         if user is None:
             return 404, {"error": "unknown user"}, "json", {}
-        return 200, serving.present(user, self.calendar), "json", {}
+        return 200, read.present(user, self.calendar), "json", {}
 
     async def at_risk(self, authorization: str | None, query: Any) -> tuple[int, Any, str, dict]:
         denied = self._deny(authorization)
@@ -92,16 +92,16 @@ class ServingApi:
             offset = int(query.get("offset", 0))
         except ValueError:
             return 400, {"error": "limit and offset must be integers"}, "json", {}
-        if not 1 <= limit <= serving.MAX_PAGE or offset < 0:
-            return 400, {"error": f"limit must be 1..{serving.MAX_PAGE} and offset >= 0"}, "json", {}
+        if not 1 <= limit <= read.MAX_PAGE or offset < 0:
+            return 400, {"error": f"limit must be 1..{read.MAX_PAGE} and offset >= 0"}, "json", {}
         try:
-            users = await serving.at_risk(self.client, self.prefix, state, limit, offset)
-        except serving.redis_errors() as err:
+            users = await read.at_risk(self.client, self.prefix, state, limit, offset)
+        except redis_client.errors() as err:
             return 503, {"error": f"serving layer unavailable: {type(err).__name__}"}, "json", {}
         if fmt == "csv":
-            return 200, serving.csv_rows(users, self.calendar), "csv", {}
+            return 200, read.csv_rows(users, self.calendar), "csv", {}
         return 200, {"state": state, "offset": offset, "limit": limit,
-                     "users": [serving.present(u, self.calendar) for u in users]}, "json", {}
+                     "users": [read.present(u, self.calendar) for u in users]}, "json", {}
 
 
     async def snapshots(self, authorization: str | None, grain: str, period: str) -> tuple[int, Any, str, dict]:
@@ -112,7 +112,7 @@ class ServingApi:
             return 400, {"error": "grain must be day, week, month, quarter or year"}, "json", {}
         try:
             raw = await self.client.hgetall(f"{self.prefix}snapshot:{grain}:{period}")
-        except serving.redis_errors() as err:
+        except redis_client.errors() as err:
             return 503, {"error": f"ledger store unavailable: {type(err).__name__}"}, "json", {}
         if not raw:
             return 404, {"error": f"no snapshot for {grain} {period}"}, "json", {}

@@ -35,11 +35,13 @@ from collections import deque
 from pathlib import Path
 from typing import ClassVar, Self
 
+from kpimon.errors import KpimonError
+
 _RUNNING: weakref.WeakSet[ManagedProcess] = weakref.WeakSet()
 _RUNNING_LOCK = threading.Lock()
 
 
-class ServiceStartError(RuntimeError):
+class ServiceStartError(KpimonError, RuntimeError):
     """A service process exited or did not become ready during startup."""
 
 

@@ -14,6 +14,9 @@ from typing import Any
 
 import orjson
 
+from kpimon.agents.serving import redis_client
+from kpimon.backoff import Backoff
+
 log = logging.getLogger("kpimon.snapshots")
 
 
@@ -30,9 +33,7 @@ class SnapshotStore:
     """
 
     def __init__(self, url: str, prefix: str) -> None:
-        import redis.asyncio as aioredis
-
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self.redis = redis_client.client(url, asyncio=True)
         self.prefix = prefix
         self.backlog: list[tuple[dict[str, Any], bytes, float]] = []
         self._wake: asyncio.Event | None = None
@@ -48,7 +49,7 @@ class SnapshotStore:
 
     async def _flush_forever(self) -> None:
         assert self._wake is not None
-        delay = 0.5
+        delay = Backoff(0.5, cap=30.0)
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -61,10 +62,9 @@ class SnapshotStore:
                     await pipe.execute()
                 except Exception as err:  # noqa: BLE001 - Redis down: keep and retry
                     log.warning("snapshot store unavailable (%s); %d snapshot(s) waiting", err, len(self.backlog))
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
+                    await asyncio.sleep(delay.next())
                     continue
-                delay = 0.5
+                delay.reset()
                 self.backlog.pop(0)
 
 

@@ -98,19 +98,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import msgspec
-import orjson
 
 from kpimon.agents.core.engine import WINDOWS, PartitionEngine
 from kpimon.agents.core.lifecycle import STATES, Ladder, Thresholds
-from kpimon.agents.serving import csvsafe
+from kpimon.agents.serving import redis_client
 from kpimon.agents.worker import statelog
+from kpimon.backoff import Backoff
 from kpimon.streams.events import PURCHASE, REFUND, format_money
 from kpimon.streams.topics import Topics
 
@@ -121,9 +120,6 @@ RESET = -1  # update start: a full snapshot of the partition; applies unless the
 FORCE = -2  # update start: apply whatever is stored (the stored position was ahead of the state log)
 CHUNK_USERS = 5000  # users per script call; a call runs atomically in Redis, so this bounds its pause
 CALLS_PER_TRIP = 8  # script calls per pipeline: a large backlog is written in several round trips
-MAX_PAGE = 10_000  # most users one at-risk read returns
-FIELDS = ("state", "last_activity", "signup_ts", "channel", "lifetime_revenue_minor", "lifetime_revenue")
-CSV_HEADER = ("user_id", "state", "last_activity", "signup_ts", "channel", "lifetime_revenue")
 
 # KEYS[1] offsets hash, KEYS[2] in-progress hash.
 # ARGV: key prefix, partition, start, end, final (1/0), users: a msgpack array of
@@ -169,36 +165,17 @@ return {1, #users}
 """
 APPLY_SHA = hashlib.sha1(APPLY_LUA.encode()).hexdigest()
 
-# KEYS[1] the state's sorted set; ARGV: key prefix, first rank, last rank.  One consistent read.
-PAGE_LUA = """
-local ids = redis.call('ZRANGE', KEYS[1], ARGV[2], ARGV[3])
-local out = {}
-for _, uid in ipairs(ids) do
-  out[#out + 1] = uid
-  out[#out + 1] = redis.call('HMGET', ARGV[1] .. 'user:' .. uid,
-    'state', 'last_activity', 'signup_ts', 'channel', 'lifetime_revenue_minor', 'lifetime_revenue')
-end
-return out
-"""
-
 # user_id -> (state index, last activity, signup ts | None, channel | None, lifetime revenue minor units)
 Users = dict[str, tuple[int, int, "int | None", "str | None", int]]
 
 
-def connect(url: str, timeout: float = 5.0) -> Any:
+def connect(url: str, timeout: float = redis_client.TIMEOUT_S) -> Any:
     """A ``redis.asyncio.Redis`` that fails fast: no client-side retries (the writer has its own)."""
-    import redis.asyncio as aioredis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    return aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=min(2.0, timeout),
-                                   retry=Retry(NoBackoff(), 0), health_check_interval=0)
+    return redis_client.client(url, asyncio=True, timeout=timeout)
 
 
 def redis_errors() -> tuple[type[BaseException], ...]:
-    from redis.exceptions import RedisError
-
-    return (RedisError, OSError, asyncio.TimeoutError)
+    return redis_client.errors()
 
 
 class Update:
@@ -530,7 +507,7 @@ class ServingWriter:
         self.up = True
 
     async def _run(self) -> None:
-        backoff = 0.05
+        backoff = Backoff(0.05, cap=self.retry_max)
         await self._probe()
         while True:
             if not any(self.queues.get(p) for p in self.queues if p not in self.resyncing):
@@ -545,12 +522,11 @@ class ServingWriter:
             self._wake.clear()
             ok = await self.flush()
             if ok:
-                backoff = 0.05
+                backoff.reset()
             else:
                 if self._stopping:
                     return
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.retry_max)
+                await asyncio.sleep(backoff.next())
 
     async def _probe(self) -> None:
         """Is Redis there, and does it still hold what we wrote?  (Idle workers notice outages and data loss.)"""
@@ -585,7 +561,7 @@ class ServingWriter:
         task.add_done_callback(self._resync_tasks.discard)
 
     async def _resync(self, p: int, gen: int) -> None:
-        delay = 0.5
+        delay = Backoff(0.5, cap=10.0)
         while self.gen.get(p, 0) == gen and not self._stopping:
             if self._rebuild is None and (self.ingest is None or p not in self.ingest.engines):
                 log.warning("partition %d is no longer owned here: its serving data is left to its owner", p)
@@ -595,8 +571,7 @@ class ServingWriter:
                 snapshot = await (self._rebuild(p) if self._rebuild is not None else rebuild_from_log(self, p))
             except Exception:
                 log.exception("rebuilding partition %d of the serving layer failed; retrying", p)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                await asyncio.sleep(delay.next())
                 continue
             if self.gen.get(p, 0) != gen:
                 return
@@ -709,137 +684,13 @@ class Recovery:
         self.writer.recovered(p, start, end, engine.take_touched(), revenue)
 
 
-# ------------------------------------------------------------------- readers
-def _s(value: Any) -> str | None:
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _text(value: bytes | str) -> str:
-    """A value Redis always has (a sorted set's member), as text."""
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _user(uid: str, values: list) -> dict[str, Any] | None:
-    state, last, signup, channel, rev_minor, rev = (_s(v) for v in values)
-    if state is None:
-        return None
-    return {"user_id": uid, "state": state, "last_activity": int(last) if last else None,
-            "signup_ts": int(signup) if signup else None, "channel": channel or None,
-            "lifetime_revenue": rev or "0", "lifetime_revenue_minor": int(rev_minor) if rev_minor else 0}
-
-
-async def get_user(redis: Any, prefix: str, user_id: str) -> dict[str, Any] | None:
-    """One user's serving state (epoch ms, revenue as a decimal string), or None if unknown."""
-    return _user(user_id, await redis.hmget(f"{prefix}user:{user_id}", list(FIELDS)))
-
-
-async def at_risk(redis: Any, prefix: str, state: str, limit: int, offset: int = 0) -> list[dict[str, Any]]:
-    """Users in ``state``, by last activity, **oldest first**: the longest silent, the nearest to the next state.
-
-    One consistent read (a Lua script): ranks ``offset .. offset+limit-1`` of
-    the state's sorted set with each user's fields.  ``limit`` is at most
-    :data:`MAX_PAGE`.  Users with the same last activity come in user_id order.
-    """
-    if state not in STATES:
-        raise ValueError(f"unknown state {state!r}: one of {', '.join(STATES)}")
-    if not 1 <= limit <= MAX_PAGE:
-        raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
-    if offset < 0:
-        raise ValueError("offset must not be negative")
-    raw = await redis.eval(PAGE_LUA, 1, f"{prefix}at-risk:{state}", prefix, offset, offset + limit - 1)
-    out = []
-    for i in range(0, len(raw), 2):
-        user = _user(_text(raw[i]), raw[i + 1])
-        if user is not None:
-            out.append(user)
-    return out
-
-
-async def iter_at_risk(redis: Any, prefix: str, state: str, limit: int | None = None,
-                       page: int = 5000) -> AsyncIterator[dict[str, Any]]:
-    """Every user in ``state`` (or the first ``limit``), oldest activity first, read page by page.
-
-    Pages are read by rank: users moving between states during the export can
-    be missed or repeated across pages (each page is consistent in itself).
-    """
-    offset = 0
-    while limit is None or offset < limit:
-        n = page if limit is None else min(page, limit - offset)
-        users = await at_risk(redis, prefix, state, n, offset)
-        for user in users:
-            yield user
-        if len(users) < n:
-            return
-        offset += n
-
-
-def present(user: dict[str, Any], calendar: Any) -> dict[str, Any]:
-    """A user for people: instants as RFC 3339 in the configured timezone (epoch ms kept alongside)."""
-    last, signup = user["last_activity"], user["signup_ts"]
-    return {"user_id": user["user_id"], "state": user["state"],
-            "last_activity": calendar.iso(last) if last is not None else None, "last_activity_ms": last,
-            "signup_ts": calendar.iso(signup) if signup is not None else None, "signup_ts_ms": signup,
-            "channel": user["channel"], "lifetime_revenue": user["lifetime_revenue"]}
-
-
-def csv_rows(users: Iterable[dict[str, Any]], calendar: Any, header: bool = True) -> str:
-    """CSV lines (header :data:`CSV_HEADER`); cells a spreadsheet would run as formulas are
-    neutralised (:mod:`agents.csvsafe`)."""
-    buf = io.StringIO()
-    w = csvsafe.writer(buf, lineterminator="\n")
-    if header:
-        w.writerow(CSV_HEADER)
-    for user in users:
-        u = present(user, calendar)
-        w.writerow([u["user_id"], u["state"], u["last_activity"] or "", u["signup_ts"] or "", u["channel"] or "",
-                    u["lifetime_revenue"]])
-    return buf.getvalue()
-
-
-async def export_at_risk(redis: Any, prefix: str, state: str, fmt: str, calendar: Any,
-                         write: Callable[[str], Any], limit: int | None = None) -> int:
-    """Write the users in ``state`` as CSV (header :data:`CSV_HEADER`) or a JSON array; returns how many."""
-    if fmt not in ("csv", "json"):
-        raise ValueError(f"unknown format {fmt!r}: csv or json")
-    n = 0
-    batch: list[dict[str, Any]] = []
-
-    def emit(final: bool = False) -> None:
-        nonlocal batch
-        if fmt == "csv":
-            write(csv_rows(batch, calendar, header=(n == len(batch))))
-        else:
-            for i, user in enumerate(batch):
-                sep = "[\n" if n - len(batch) + i == 0 else ",\n"
-                write(sep + orjson.dumps(present(user, calendar)).decode())
-            if final:
-                write("\n]\n" if n else "[]\n")
-        batch = []
-
-    async for user in iter_at_risk(redis, prefix, state, limit):
-        batch.append(user)
-        n += 1
-        if len(batch) >= 1000:
-            emit()
-    emit(final=True)
-    return n
-
-
 __all__ = [
     "APPLY_LUA",
     "CHUNK_USERS",
     "FORCE",
-    "MAX_PAGE",
     "RESET",
     "Recovery",
     "ServingWriter",
     "Update",
-    "at_risk",
     "connect",
-    "export_at_risk",
-    "get_user",
-    "iter_at_risk",
-    "present",
 ]

@@ -50,14 +50,15 @@ import yaml
 
 from kpimon.agents.core.metrics import PeriodMetrics
 from kpimon.agents.core.periods import GRAINS, Calendar
+from kpimon.errors import KpimonError
 from kpimon.streams import admin
 from kpimon.streams import topics as wire
 from kpimon.streams.events import Decoder, Rejected, format_money, parse_instant
 from kpimon.streams.topics import Topics
 
 
-class BackfillError(RuntimeError):
-    pass
+class BackfillError(KpimonError, RuntimeError):
+    """The backfill cannot go on (the broker, the worker or the input failed); exit status 1."""
 
 
 SORT_MEMORY = 256 * 2**20  # bytes of one in-memory chunk of the sort (``--sort-memory``)

@@ -45,9 +45,10 @@ from rich.text import Text
 from kpimon.agents.core.lifecycle import STATES
 from kpimon.agents.tools.backfill import spawn_worker, stop_worker, worker_settings, write_config
 from kpimon.agents.tools.simulator import Simulator, bad_line, time_scale_for
-from kpimon.config.settings import Settings, load
+from kpimon.config.settings import DEFAULT_PATH, Settings, load
+from kpimon.errors import KpimonError
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
+DEMO_CONFIG = DEFAULT_PATH.with_name("demo.yaml")  # kpimon/config/demo.yaml, next to the packaged defaults
 WARMUP_DAYS = 120.0  # simulated days before the demo starts: an established user base
 BAD_SHARE = 0.005
 DUPLICATE_SHARE = 0.003
@@ -60,15 +61,15 @@ PERIOD_ROWS = ("new_users", "active_users", "paying_users", "orders", "revenue",
                "won_back")
 
 
-class DemoError(SystemExit):
-    """The demo cannot go on (the worker died, the port is taken...): exit status 1."""
+class DemoError(KpimonError):
+    """The demo cannot go on (the worker died, the port is taken...): exit status 1.
 
-    def __init__(self, message: str) -> None:
-        super().__init__(1)
-        self.message = message
+    The command prints the message as one line (after the worker log tail, if any).
+    """
 
-    def __str__(self) -> str:
-        return self.message
+    @property
+    def message(self) -> str:
+        return str(self)
 
 
 class _Stop(Exception):
@@ -229,7 +230,6 @@ def _log_tail(path: str, chars: int = 3000) -> str:
 
 
 def _fail(console: Console, message: str, log_path: str) -> DemoError:
-    console.print(f"[red]demo failed:[/red] {message}")
     console.print("--- worker log tail ---", style="dim")
     console.print(_log_tail(log_path), markup=False, highlight=False)
     return DemoError(f"demo failed: {message}")
@@ -272,8 +272,7 @@ def run_demo(settings: Settings | None = None, duration: float | None = None, ra
     if rate <= 0 or users <= 0:
         raise DemoError("demo: --rate and --users must be positive")
     if port_open(LOOPBACK, web_port):
-        console.print(f"[red]demo failed:[/red] port {web_port} on {LOOPBACK} is in use (choose --web-port)")
-        raise DemoError(f"demo failed: port {web_port} is in use")
+        raise DemoError(f"demo failed: port {web_port} on {LOOPBACK} is in use (choose --web-port)")
 
     time_scale = time_scale_for(rate, users, seed=seed, warmup_days=WARMUP_DAYS)
     sim_day_s = 86_400 / time_scale

@@ -39,6 +39,7 @@ from kpimon.agents.metrics.live_kpis import KpiCollector, LiveKpis
 from kpimon.agents.serving.snapshots import SnapshotStore
 from kpimon.agents.worker.health import Health
 from kpimon.agents.worker.ingest import IngestService
+from kpimon.errors import KpimonError
 from kpimon.streams import topics as wire
 from kpimon.streams.events import Decoder, Rejected
 from kpimon.streams.topics import Topics
@@ -66,7 +67,7 @@ def kpi_evaluator(kpi_spec: Any, settings: Any):
     return evaluate
 
 
-class UndecodableRecord(Exception):
+class UndecodableRecord(KpimonError):
     """A record on an internal topic that this kpimon cannot decode (another version, or not kpimon's)."""
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import msgspec
 
 from kpimon.agents.core.engine import PartitionEngine
+from kpimon.errors import KpimonError
 from kpimon.streams.events import Event
 
 
@@ -39,7 +40,7 @@ class Record(msgspec.Struct, array_like=True, gc=False):
     config: str = ""  # fingerprint of the settings the record was computed under
 
 
-class StateLogError(Exception):
+class StateLogError(KpimonError):
     """The state log cannot rebuild this partition's state; the message says why and what to do."""
 
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from kpimon.agents.cli import app
 from kpimon.agents.core.periods import Calendar
 from kpimon.agents.http.api import ServingApi
-from kpimon.agents.serving import csvsafe
+from kpimon.agents.serving import csvsafe, read
 from kpimon.agents.serving import writer as serving
 from kpimon.agents.serving.writer import RESET, ServingWriter
 from kpimon.config.settings import from_mapping
@@ -70,7 +70,7 @@ async def _store(url: str, extra: dict | None = None):
 
 def _check(text: str) -> None:
     rows = list(csv.reader(io.StringIO(text)))
-    assert rows[0] == list(serving.CSV_HEADER)
+    assert rows[0] == list(read.CSV_HEADER)
     assert [r[0] for r in rows[1:]] == ["'" + HYPERLINK, "'-1+2", "plain"]
     assert [r[5] for r in rows[1:]] == ["-5.50", "19.99", "0.00"]
     assert rows[2][4] == "'@chan"
@@ -82,7 +82,7 @@ async def test_at_risk_export_and_api_neutralise_formulas(redis_server):
     client = serving.connect(redis_server.url)
     try:
         out = io.StringIO()
-        n = await serving.export_at_risk(client, s.redis.key_prefix, "sleeping", "csv", Calendar("UTC"), out.write)
+        n = await read.export_at_risk(client, s.redis.key_prefix, "sleeping", "csv", Calendar("UTC"), out.write)
         assert n == 3
         _check(out.getvalue())
 

@@ -18,6 +18,7 @@ from kpimon.agents.core.engine import WINDOWS, EngineConfig, PartitionEngine
 from kpimon.agents.core.lifecycle import STATES, Ladder, Thresholds
 from kpimon.agents.core.periods import Calendar
 from kpimon.agents.http.api import ServingApi
+from kpimon.agents.serving import read
 from kpimon.agents.serving import writer as serving
 from kpimon.agents.serving.writer import RESET, Recovery, ServingWriter, Update
 from kpimon.agents.tools.simulator import generate
@@ -57,7 +58,7 @@ def registry():
 
 
 async def user(client, settings, uid: str) -> dict | None:
-    return await serving.get_user(client, settings.redis.key_prefix, uid)
+    return await read.get_user(client, settings.redis.key_prefix, uid)
 
 
 async def members(client, settings, state: str) -> list[str]:
@@ -239,7 +240,7 @@ async def test_chunks_are_idempotent_and_an_older_update_cannot_overwrite_a_chun
     assert await w._apply([(0, w.gen[0], upd)]) == [("applied", 10)]
     assert await client.hget(w.offsets_key, "0") == b"20"
     assert await client.hget(w.progress_key, "0") is None
-    got = await serving.at_risk(client, s.redis.key_prefix, "active", 100)
+    got = await read.at_risk(client, s.redis.key_prefix, "active", 100)
     assert [u["user_id"] for u in got] == [f"u{i}" for i in range(10)]
     assert [u["lifetime_revenue_minor"] for u in got] == list(range(10))
     await w.stop()
@@ -254,7 +255,7 @@ async def test_a_large_backlog_goes_in_bounded_round_trips(redis_server, client,
     trips = registry.get_sample_value("kpimon_serving_write_seconds_count")
     assert trips == -(-20 // serving.CALLS_PER_TRIP) == 3
     assert await client.hget(w.offsets_key, "0") == b"7"
-    assert len(await serving.at_risk(client, s.redis.key_prefix, "active", 100)) == 40
+    assert len(await read.at_risk(client, s.redis.key_prefix, "active", 100)) == 40
     await w.stop()
 
 
@@ -269,35 +270,35 @@ async def test_readers_order_oldest_first_and_export_csv_and_json(redis_server, 
                        "z": [START, zone_of(s, "active"), None, None, 0]})
     await w.flush()
     prefix = s.redis.key_prefix
-    assert [u["user_id"] for u in await serving.at_risk(client, prefix, "sleeping", 10)] == ["a", "b", "c"]
-    assert [u["user_id"] for u in await serving.at_risk(client, prefix, "sleeping", 2, 1)] == ["b", "c"]
-    assert [u["user_id"] async for u in serving.iter_at_risk(client, prefix, "sleeping", page=1)] == ["a", "b", "c"]
-    assert [u["user_id"] async for u in serving.iter_at_risk(client, prefix, "sleeping", limit=2, page=1)] == [
+    assert [u["user_id"] for u in await read.at_risk(client, prefix, "sleeping", 10)] == ["a", "b", "c"]
+    assert [u["user_id"] for u in await read.at_risk(client, prefix, "sleeping", 2, 1)] == ["b", "c"]
+    assert [u["user_id"] async for u in read.iter_at_risk(client, prefix, "sleeping", page=1)] == ["a", "b", "c"]
+    assert [u["user_id"] async for u in read.iter_at_risk(client, prefix, "sleeping", limit=2, page=1)] == [
         "a", "b"]
-    assert await serving.at_risk(client, prefix, "dead", 10) == []
-    assert await serving.get_user(client, prefix, "nobody") is None
+    assert await read.at_risk(client, prefix, "dead", 10) == []
+    assert await read.get_user(client, prefix, "nobody") is None
     with pytest.raises(ValueError):
-        await serving.at_risk(client, prefix, "asleep", 10)
+        await read.at_risk(client, prefix, "asleep", 10)
     with pytest.raises(ValueError):
-        await serving.at_risk(client, prefix, "sleeping", serving.MAX_PAGE + 1)
+        await read.at_risk(client, prefix, "sleeping", read.MAX_PAGE + 1)
 
     cal = Calendar(s.timezone)
     out = io.StringIO()
-    assert await serving.export_at_risk(client, prefix, "sleeping", "csv", cal, out.write) == 3
+    assert await read.export_at_risk(client, prefix, "sleeping", "csv", cal, out.write) == 3
     rows = list(csv.reader(io.StringIO(out.getvalue())))
-    assert rows[0] == list(serving.CSV_HEADER)
+    assert rows[0] == list(read.CSV_HEADER)
     assert rows[1] == ["a", "sleeping", "2024-01-01T01:00:01+01:00", "2024-01-01T01:00:00+01:00", "email", "123.45"]
     assert rows[2][5] == "-0.50"
     assert [r[0] for r in rows[1:]] == ["a", "b", "c"]
     out = io.StringIO()
-    await serving.export_at_risk(client, prefix, "sleeping", "json", cal, out.write)
+    await read.export_at_risk(client, prefix, "sleeping", "json", cal, out.write)
     assert [u["user_id"] for u in orjson.loads(out.getvalue())] == ["a", "b", "c"]
     out = io.StringIO()
-    assert await serving.export_at_risk(client, prefix, "dead", "json", cal, out.write) == 0
+    assert await read.export_at_risk(client, prefix, "dead", "json", cal, out.write) == 0
     assert orjson.loads(out.getvalue()) == []
     out = io.StringIO()
-    await serving.export_at_risk(client, prefix, "dead", "csv", cal, out.write)
-    assert out.getvalue() == ",".join(f'"{h}"' for h in serving.CSV_HEADER) + "\n"  # every cell quoted
+    await read.export_at_risk(client, prefix, "dead", "csv", cal, out.write)
+    assert out.getvalue() == ",".join(f'"{h}"' for h in read.CSV_HEADER) + "\n"  # every cell quoted
     await w.stop()
 
 
@@ -320,8 +321,8 @@ def _as_dicts(events: list) -> list[dict]:
 async def _serving_state(client, settings, uids) -> dict:
     pipe = client.pipeline(transaction=False)
     for uid in uids:
-        pipe.hmget(f"{settings.redis.key_prefix}user:{uid}", list(serving.FIELDS))
-    return {uid: serving._user(uid, vals) for uid, vals in zip(uids, await pipe.execute())}
+        pipe.hmget(f"{settings.redis.key_prefix}user:{uid}", list(read.FIELDS))
+    return {uid: read._user(uid, vals) for uid, vals in zip(uids, await pipe.execute())}
 
 
 async def test_the_engine_feed_and_a_crash_recovery_give_the_plain_computation(redis_server, client):
