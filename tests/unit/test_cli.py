@@ -9,28 +9,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from typer.testing import CliRunner
 
-from kpimon.agents.cli import app
 from kpimon.agents.cli import ledger as cli_ledger
 from kpimon.agents.tools import demo
-
-
-@pytest.fixture(autouse=True)
-def _no_kpimon_environment(monkeypatch):
-    import os
-
-    for var in [v for v in os.environ if v.startswith("KPIMON_")]:
-        monkeypatch.delenv(var)
-
-
-def invoke(args, env=None):
-    return CliRunner().invoke(app, args, env=env or {}, catch_exceptions=False)
-
-
-def flat(text: str) -> str:
-    """Output without rich's line wrapping."""
-    return "".join(text.split())
+from tests.cli_support import flat, invoke, no_kpimon_environment  # noqa: F401 - the fixture is autouse
 
 
 class _KpisServer:

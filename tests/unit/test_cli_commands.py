@@ -35,6 +35,7 @@ from kpimon.agents.tools import demo
 from kpimon.agents.worker.app import kpi_evaluator
 from kpimon.config.settings import load
 from kpimon.streams import admin
+from tests.cli_support import flat, invoke, no_kpimon_environment  # noqa: F401 - the fixture is autouse
 from tests.unit.test_serving import START, zone_of
 
 CONFIG_DIR = Path(kpimon.config.__file__).resolve().parent
@@ -43,21 +44,10 @@ MONTHS = [("2024-01", JAN1, 1_706_745_600_000), ("2024-02", 1_706_745_600_000, 1
           ("2024-03", 1_709_251_200_000, 1_711_929_600_000)]
 
 
-@pytest.fixture(autouse=True)
-def _no_kpimon_environment(monkeypatch):
-    import os
-
-    for var in [v for v in os.environ if v.startswith("KPIMON_")]:
-        monkeypatch.delenv(var)
 
 
-def invoke(args, env=None):
-    return CliRunner().invoke(app, args, env=env or {}, catch_exceptions=False)
 
 
-def flat(text: str) -> str:
-    """Output without rich's line wrapping."""
-    return "".join(text.split())
 
 
 @pytest.fixture

@@ -9,9 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from kpimon.agents.cli import app
 from kpimon.agents.core.formula import FormulaError
 from kpimon.agents.runtime.process import ServiceStartError
 from kpimon.agents.serving import redis_client
@@ -25,19 +23,13 @@ from kpimon.errors import BrokerUnavailable, KpimonError, RedisUnavailable
 from kpimon.streams import admin
 from kpimon.streams.admin import TopicMismatch
 from kpimon.streams.events import Rejected
+from tests.cli_support import invoke, no_kpimon_environment  # noqa: F401 - the fixture is autouse
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _no_kpimon_environment(monkeypatch):
-    for var in [v for v in os.environ if v.startswith("KPIMON_")]:
-        monkeypatch.delenv(var)
 
 
-def invoke(args):
-    # catch_exceptions=False: an exception the command does not map fails the test with its traceback
-    return CliRunner().invoke(app, args, env={}, catch_exceptions=False)
 
 
 def lines(text: str) -> list[str]:
