@@ -100,12 +100,12 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Protocol
 
 import msgspec
 
-from kpimon.agents.core.engine import WINDOWS, PartitionEngine
+from kpimon.agents.core.engine import WINDOWS, EngineConfig, PartitionEngine
 from kpimon.agents.core.lifecycle import STATES, Ladder, Thresholds
 from kpimon.agents.serving import redis_client
 from kpimon.agents.worker import statelog
@@ -213,6 +213,20 @@ def add_revenue(acc: dict[str, int], events: Iterable[Any], sign: int = 1) -> No
             acc[ev.user_id] = acc.get(ev.user_id, 0) - sign * ev.amount
 
 
+class LogSource(Protocol):
+    """What the writer needs from the worker that owns the partitions: the seam between serving and ingest."""
+
+    cfg: EngineConfig
+
+    def owns(self, partition: int) -> bool:
+        """Whether the worker currently owns ``partition`` of the input."""
+        ...
+
+    def read_log(self, partitions: list[int]) -> AsyncIterator[tuple[int, int, statelog.Record]]:
+        """Every state-log record of ``partitions``, in order: (partition, state-log offset, Record)."""
+        ...
+
+
 class ServingWriter:
     """Queues per-partition updates and writes them to Redis in the background (see the module doc)."""
 
@@ -232,7 +246,7 @@ class ServingWriter:
         self.retry_max = retry_max
         self._client = client
         self._rebuild = rebuild
-        self.ingest: Any = None  # the IngestService, for rebuilds from the state log
+        self.source: LogSource | None = None  # the worker's state log and ownership, for rebuilds
         self.queues: dict[int, list[Update]] = {}
         self.revenue: dict[int, dict[str, int]] = {}  # per partition: lifetime revenue of users who ever paid
         self.gen: dict[int, int] = {}  # bumped when a partition is (re)assigned: stale work is dropped
@@ -279,9 +293,9 @@ class ServingWriter:
             self._client = connect(self.settings.redis.url)
         return self._client
 
-    def bind(self, ingest: Any) -> None:
-        """Attach the IngestService: rebuilds read its state log."""
-        self.ingest = ingest
+    def attach(self, source: LogSource) -> None:
+        """Attach the worker (:class:`LogSource`): rebuilds read its state log."""
+        self.source = source
 
     def start(self) -> None:
         """Start the background writer (idempotent; needs a running event loop)."""
@@ -563,7 +577,7 @@ class ServingWriter:
     async def _resync(self, p: int, gen: int) -> None:
         delay = Backoff(0.5, cap=10.0)
         while self.gen.get(p, 0) == gen and not self._stopping:
-            if self._rebuild is None and (self.ingest is None or p not in self.ingest.engines):
+            if self._rebuild is None and (self.source is None or not self.source.owns(p)):
                 log.warning("partition %d is no longer owned here: its serving data is left to its owner", p)
                 self._forget(p)
                 return
@@ -613,13 +627,14 @@ class ServingWriter:
 
 async def rebuild_from_log(writer: ServingWriter, p: int) -> Update:
     """Every user of partition ``p`` as of the end of its state log, from a fresh replay (data-loss repair)."""
-    ingest = writer.ingest
-    engine = PartitionEngine(ingest.cfg)
+    source = writer.source
+    assert source is not None, "rebuild_from_log needs attach() first"
+    engine = PartitionEngine(source.cfg)
     engine.track_users = True
     rp = statelog.Replayer(engine, p)
     revenue: dict[str, int] = {}
     n = end = 0
-    async for _, offset, record in ingest._read_state_log([p]):
+    async for _, offset, record in source.read_log([p]):
         if rp.feed(record):
             add_revenue(revenue, record.events)
         end = offset + 1

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from operator import attrgetter
 from typing import Any
 
@@ -173,7 +173,7 @@ class IngestService:
             serving = ServingWriter(settings, metrics.registry if metrics is not None else None)
         self.serving = serving or None
         if self.serving is not None:
-            self.serving.bind(self)
+            self.serving.attach(self)
         self.live = settings.worker.clock == "live"
         self.engines: dict[int, PartitionEngine] = {}
         self.offsets: dict[int, int | None] = {}  # next source offset per owned partition
@@ -423,7 +423,7 @@ class IngestService:
 
                 serving = await Recovery.begin(self.serving, partitions)
             log_end = dict.fromkeys(partitions, 0)  # state-log position reached per partition
-            async for p, offset, record in self._read_state_log(partitions):
+            async for p, offset, record in self.read_log(partitions):
                 rp = replayers[p]
                 log_end[p] = offset + 1
                 if serving is not None:
@@ -458,36 +458,14 @@ class IngestService:
                          p, rp.applied, rp.skipped, rp.offset, engine.user_count())
             log.info("recovered %d partitions in %.2fs", len(partitions), time.monotonic() - started)
 
-    async def _read_state_log(self, partitions: list[int]):
-        """Yield (partition, state-log offset, Record) for every state-log record of these partitions, in order."""
-        tps = [TopicPartition(self.topics.state_log, p) for p in partitions]
-        reader = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap, enable_auto_commit=False,
-                                  auto_offset_reset="earliest", max_partition_fetch_bytes=32 * 1024 * 1024,
-                                  fetch_max_bytes=64 * 1024 * 1024)
-        await reader.start()
-        try:
-            reader.assign(tps)
-            await reader.seek_to_beginning(*tps)
-            ends = await reader.end_offsets(tps)
-            for tp, first in (await reader.beginning_offsets(tps)).items():
-                if first > 0:
-                    raise statelog.StateLogError(
-                        f"state log {tp.topic}[{tp.partition}] starts at offset {first}: records were deleted "
-                        "(retention), so the partition's state cannot be rebuilt. Set retention.ms=-1 on the "
-                        "state log and backfill into a fresh deployment.")
-            # Read to the end offsets, then until a poll comes back empty: some
-            # brokers (Tansu) under-report the end offset.
-            while True:
-                got = await reader.getmany(timeout_ms=200, max_records=20000)
-                for tp, msgs in got.items():
-                    for msg in msgs:
-                        yield tp.partition, msg.offset, statelog.decode(msg.value)
-                if not got:
-                    positions = [await reader.position(tp) for tp in tps]
-                    if all(pos >= ends[tp] for pos, tp in zip(positions, tps)):
-                        break
-        finally:
-            await reader.stop()
+    # The serving layer's view of this worker (agents/serving/writer.py LogSource).
+    def owns(self, partition: int) -> bool:
+        """Whether this worker currently owns ``partition`` of the input."""
+        return partition in self.engines
+
+    def read_log(self, partitions: list[int]) -> AsyncIterator[tuple[int, int, statelog.Record]]:
+        """Every state-log record of ``partitions``, in order: (partition, state-log offset, Record)."""
+        return statelog.read_log(self.settings.kafka.bootstrap, self.topics.state_log, partitions)
 
     def owned_engines(self) -> list[PartitionEngine]:
         return list(self.engines.values())

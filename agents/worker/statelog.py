@@ -21,6 +21,8 @@ every Kafka-protocol broker.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import msgspec
 
 from kpimon.agents.core.engine import PartitionEngine
@@ -92,3 +94,41 @@ class Replayer:
         self.offset = record.end
         self.applied += 1
         return True
+
+
+async def read_log(bootstrap: str, topic: str, partitions: list[int]) -> AsyncIterator[tuple[int, int, Record]]:
+    """Yield (partition, state-log offset, Record) for every record of ``partitions`` of ``topic``, in order.
+
+    Refuses a log whose first records were deleted (retention): the partition's
+    state could not be rebuilt from it.
+    """
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    tps = [TopicPartition(topic, p) for p in partitions]
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                              auto_offset_reset="earliest", max_partition_fetch_bytes=32 * 1024 * 1024,
+                              fetch_max_bytes=64 * 1024 * 1024)
+    await reader.start()
+    try:
+        reader.assign(tps)
+        await reader.seek_to_beginning(*tps)
+        ends = await reader.end_offsets(tps)
+        for tp, first in (await reader.beginning_offsets(tps)).items():
+            if first > 0:
+                raise StateLogError(
+                    f"state log {tp.topic}[{tp.partition}] starts at offset {first}: records were deleted "
+                    "(retention), so the partition's state cannot be rebuilt. Set retention.ms=-1 on the "
+                    "state log and backfill into a fresh deployment.")
+        # Read to the end offsets, then until a poll comes back empty: some
+        # brokers (Tansu) under-report the end offset.
+        while True:
+            got = await reader.getmany(timeout_ms=200, max_records=20000)
+            for tp, msgs in got.items():
+                for msg in msgs:
+                    yield tp.partition, msg.offset, decode(msg.value)
+            if not got:
+                positions = [await reader.position(tp) for tp in tps]
+                if all(pos >= ends[tp] for pos, tp in zip(positions, tps)):
+                    break
+    finally:
+        await reader.stop()

@@ -473,7 +473,7 @@ def _live_service(settings, producer: _FakeProducer, registry=None):
             for offset, value in enumerate(producer.log.get(p, [])):
                 yield p, offset, statelog.decode(value)
 
-    svc._read_state_log = read_log
+    svc.read_log = read_log
     return svc
 
 
