@@ -1,13 +1,14 @@
-"""The worker's data path without Kafka: partitioner -> process_messages -> outbox -> Aggregator.
+"""The worker's data path without Kafka: partitioner -> process_messages -> partition_outputs -> close_step.
 
-``run_pipeline`` mimics ``IngestService`` + the ``aggregate`` agent: lines are
-keyed by ``user_id`` onto partitions, wrapped in ConsumerRecord-like objects
-with consecutive offsets, processed by the real batch function
-:func:`agents.ingest.process_messages` in small batches, followed by one
-watermark marker record per partition.  After each batch the partition's
-closed periods (``Partial``) and its progress (``Progress``) go through the
-JSON wire format into a dict-backed :class:`Aggregator`, like ``_publish``
-and the agent do.
+``run_pipeline`` drives the worker's real steps: lines are keyed by
+``user_id`` onto partitions, wrapped in ConsumerRecord-like objects with
+consecutive offsets, processed by the real batch function
+:func:`kpimon.agents.worker.ingest.process_messages` in small batches,
+followed by one watermark marker record per partition.  After each batch the
+partition's messages come from :func:`kpimon.agents.core.step.partition_outputs`
+(closed periods, then progress with its open periods) and go through the JSON
+wire format into :func:`kpimon.agents.core.step.close_step` on a dict-backed
+:class:`Aggregator`, as ``IngestService._derived`` and the ``aggregate`` agent do.
 
 ``replay_records`` rebuilds an engine from the produced state-log records
 (through the msgpack wire format) with :class:`agents.statelog.Replayer`.
@@ -22,6 +23,7 @@ from typing import Any
 
 from kpimon.agents.core.aggregate import Aggregator
 from kpimon.agents.core.engine import EngineConfig, PartitionEngine
+from kpimon.agents.core.step import close_step, partition_outputs
 from kpimon.agents.worker import statelog
 from kpimon.agents.worker.ingest import process_messages
 from kpimon.streams import topics as wire
@@ -115,7 +117,7 @@ def run_pipeline(lines: list[bytes], settings: Any, partitions: int, until_ms: i
         redeliver = "dedup"
     assert redeliver in (False, "dedup", "offsets"), redeliver
     cfg = EngineConfig.from_settings(settings)
-    decoder = Decoder(settings.money.decimals)
+    decoder = Decoder(settings.money.decimals, min_epoch_ms=settings.min_epoch_ms)
     channel_label = settings.channel_label
 
     inputs: dict[int, list[FakeRecord]] = {p: [] for p in range(partitions)}
@@ -138,31 +140,20 @@ def run_pipeline(lines: list[bytes], settings: Any, partitions: int, until_ms: i
     partials: dict[int, list] = {p: [] for p in range(partitions)}
 
     def publish(p: int) -> None:
-        engine = engines[p]
-        for c in engine.take_outbox():
-            partials[p].append(c)
-            period = c.period
-            msg = wire.Partial(p, partitions, str(period.grain), period.label, period.start_ms, period.end_ms,
-                               c.metrics.to_wire())
+        # The worker's own steps: partition_outputs (IngestService._derived), then close_step (the aggregate
+        # agent), with every message through the JSON wire format.
+        outputs = partition_outputs(engines[p], p, partitions, with_open=True)
+        partials[p] += outputs.closed
+        for msg in outputs.messages:
             decoded = wire.decode_partials(wire.json_encode(msg))
-            assert isinstance(decoded, wire.Partial)
-            aggregator.on_partial(decoded)
-        tot = engine.totals
-        progress = wire.Progress(p, partitions, engine.wm, {
-            "accepted": tot.accepted, "rejected": dict(tot.rejected), "duplicates": tot.duplicates,
-            "late": tot.late})
-        decoded = wire.decode_partials(wire.json_encode(progress))
-        assert isinstance(decoded, wire.Progress)
-        ready = aggregator.on_progress(decoded)  # as the faust agent does: publish, then mark
-        for out in ready:
-            if not aggregator.reportable(out):
-                continue
-            out = wire.decode_periods(wire.json_encode(out))
-            if isinstance(out, wire.ClosedPeriod):
-                closed.append(out)
-            else:
-                marks.append(out.watermark)
-        aggregator.mark_published(ready)
+            step = close_step(aggregator, decoded)
+            for out in step.publish:
+                out = wire.decode_periods(wire.json_encode(out))
+                if isinstance(out, wire.ClosedPeriod):
+                    closed.append(out)
+                else:
+                    marks.append(out.watermark)
+            aggregator.mark_published(step.mark)
 
     def process(p: int, msgs: list[FakeRecord]) -> None:
         start = next_offset[p]
@@ -263,7 +254,7 @@ def process_all(engine: PartitionEngine, settings: Any, msgs: list[FakeRecord], 
     Messages below ``start`` are dropped first (the worker's offset filter).
     Returns the state-log records written and everything the engine closed.
     """
-    decoder = Decoder(settings.money.decimals)
+    decoder = Decoder(settings.money.decimals, min_epoch_ms=settings.min_epoch_ms)
     msgs = [m for m in msgs if m.offset >= start]
     records: list[statelog.Record] = []
     outbox: list = []

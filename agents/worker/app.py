@@ -34,6 +34,7 @@ from kpimon.agents.core.aggregate import Aggregator
 from kpimon.agents.core.ledger import Book, canonical
 from kpimon.agents.core.metrics import PeriodMetrics
 from kpimon.agents.core.periods import Calendar
+from kpimon.agents.core.step import close_step
 from kpimon.agents.metrics.exporter import KpimonMetrics, StateCollector, new_registry
 from kpimon.agents.metrics.live_kpis import KpiCollector, LiveKpis
 from kpimon.agents.serving.snapshots import SnapshotStore
@@ -273,20 +274,15 @@ def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spe
                 msg = wire.decode_partials(raw)
             except (msgspec.DecodeError, TypeError) as err:
                 raise UndecodableRecord(f"undecodable record {position(stream)}: {err}") from None
-            if isinstance(msg, wire.Partial):
-                aggregator.on_partial(msg)
-                continue
-            ready = aggregator.on_progress(msg)
-            for out in ready:  # closed periods (each followed by its snapshot), then the watermark notice
-                if not aggregator.reportable(out):
-                    continue
+            step = close_step(aggregator, msg)
+            for out in step.publish:  # closed periods (each followed by its snapshot), then the watermark notice
                 key = f"{out.grain}/{out.period}" if isinstance(out, wire.ClosedPeriod) else "watermark"
                 await publish(periods_topic, key, wire.json_encode(out))
                 if isinstance(out, wire.ClosedPeriod):
                     tx = book.on_closed(out.grain, out.period, out.start, out.end, PeriodMetrics.from_wire(out.metrics))
                     await publish_snapshots(tx.snapshots)
                     book.commit(tx)
-            aggregator.mark_published(ready)
+            aggregator.mark_published(step.mark)
 
     late_decoder = Decoder(settings.money.decimals, min_epoch_ms=settings.min_epoch_ms)
 

@@ -32,6 +32,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.structs import ConsumerRecord
 
 from kpimon.agents.core.engine import EngineConfig, PartitionEngine
+from kpimon.agents.core.step import message_key, partition_outputs
 from kpimon.agents.metrics.exporter import KpimonMetrics, Tally
 from kpimon.agents.worker import statelog
 from kpimon.streams import admin
@@ -324,24 +325,12 @@ class IngestService:
     def _derived(self, p: int) -> tuple[list[tuple[bytes, bytes]], dict]:
         """Messages for the partials topic (closed periods, then progress) and transitions, as of now."""
         engine = self.engines[p]
-        out = []
-        for closed in engine.take_outbox():
-            period = closed.period
-            msg = wire.Partial(p, self.partitions, str(period.grain), period.label, period.start_ms, period.end_ms,
-                               closed.metrics.to_wire())
-            out.append((f"{period.grain}/{period.label}".encode(), wire.json_encode(msg)))
-        tot = engine.totals
-        live = None
         now = time.monotonic()
-        if now - self._open_sent.get(p, 0.0) >= OPEN_EVERY_S:
+        with_open = now - self._open_sent.get(p, 0.0) >= OPEN_EVERY_S
+        if with_open:
             self._open_sent[p] = now
-            live = [wire.OpenPeriod(str(per.grain), per.label, per.start_ms, per.end_ms, m.to_wire())
-                    for per, m in engine.open_metrics()]
-        progress = wire.Progress(p, self.partitions, engine.wm, {
-            "accepted": tot.accepted, "rejected": dict(tot.rejected), "duplicates": tot.duplicates, "late": tot.late},
-            live)
-        out.append((f"progress/{p}".encode(), wire.json_encode(progress)))
-        return out, engine.take_transitions()
+        outputs = partition_outputs(engine, p, self.partitions, with_open)
+        return [(message_key(m), wire.json_encode(m)) for m in outputs.messages], engine.take_transitions()
 
     async def _send_all(self, items: list[tuple[str, dict]]) -> list:
         """Send and wait for every acknowledgement; the RecordMetadata of each item, in order."""
