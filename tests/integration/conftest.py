@@ -73,7 +73,7 @@ class Pipeline:
     def report(self, until_ms: int, timeout_s: float = 180) -> dict:
         reader = bf.PeriodsReader(self.bootstrap, self.topics.periods)
         try:
-            alive = lambda: any(w.poll() is None for w in self.workers)  # noqa: E731
+            alive = lambda: any(w.poll() is None for w in self.workers)  # noqa: E731 - a one-line probe passed once
             try:
                 reader.wait_for(until_ms, timeout_s, alive=alive)
             except bf.BackfillError as err:
