@@ -3,7 +3,7 @@
     python3 -m benchmarks.backfill_throughput [--events 1000000] [--partitions 4] [--broker apache|tansu]
 
 Steps, back to back on one broker:
-1. generate the simulator's realistic mix (agents.simulator.generate) and produce it;
+1. generate the simulator's realistic mix (agents.tools.datasets.generate) and produce it;
 2. raw ceiling: aiokafka ``getmany`` over the whole topic (bytes only, then with orjson);
 3. the real pipeline: ``kpimon worker`` (child process, event clock) from offset 0 to the
    final aggregated watermark.  "steady" excludes worker start-up: it runs from the first
@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from kpimon.agents.runtime.ports import free_port
 from kpimon.agents.tools import backfill as bf
-from kpimon.agents.tools.simulator import generate
+from kpimon.agents.tools.datasets import generate
 from kpimon.config.settings import from_mapping
 from kpimon.streams import admin
 from kpimon.streams import topics as wire

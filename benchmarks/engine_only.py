@@ -15,8 +15,8 @@ from types import SimpleNamespace
 
 import orjson
 
+from kpimon.agents.core.batch import process_messages
 from kpimon.agents.core.engine import EngineConfig, PartitionEngine
-from kpimon.agents.worker.ingest import process_messages
 from kpimon.config.settings import load
 from kpimon.streams.events import Decoder
 

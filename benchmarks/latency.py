@@ -194,7 +194,7 @@ async def read_state_log(bootstrap: str, topic: str, partitions: int) -> dict[in
     """Per partition: (start, end, clock ms, CreateTime ms) of every state-log record, in order."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from kpimon.agents.worker import statelog
+    from kpimon.agents.core.batch import decode as decode_record
 
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
                          max_partition_fetch_bytes=32 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
@@ -209,7 +209,7 @@ async def read_state_log(bootstrap: str, topic: str, partitions: int) -> dict[in
             got = await c.getmany(timeout_ms=500, max_records=20000)
             for tp, msgs in got.items():
                 for m in msgs:
-                    r = statelog.decode(m.value)
+                    r = decode_record(m.value)
                     if r.end > r.start and r.clock is not None:
                         out[tp.partition].append((r.start, r.end, r.clock, m.timestamp))
             if not got:

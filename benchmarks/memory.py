@@ -108,8 +108,8 @@ def _template(case: str, rnd: int, user: int) -> bytes:
 
 def _measure(case: str, users: int, chunk: int = 4000) -> dict[str, Any]:
     """Runs in a fresh interpreter: RSS delta of feeding ``users`` users into one engine."""
+    from kpimon.agents.core.batch import process_messages
     from kpimon.agents.core.engine import EngineConfig, PartitionEngine
-    from kpimon.agents.worker.ingest import process_messages
     from kpimon.config.settings import from_mapping
     from kpimon.streams.events import Decoder
 

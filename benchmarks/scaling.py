@@ -4,7 +4,7 @@
 
 One Apache Kafka broker (agents.runtime.apache_kafka.ApacheKafka) for the whole
 run, warmed up first (100k events produced and consumed on a scratch topic).
-The dataset is the simulator's realistic mix (agents.simulator.generate,
+The dataset is the simulator's realistic mix (agents.tools.datasets.generate,
 seed 1), generated once; every run gets the same lines.
 
 For each partition count P:
@@ -63,7 +63,7 @@ def main() -> None:
     from benchmarks.backfill_throughput import START, _FirstProgress, raw_consume
     from kpimon.agents.runtime.apache_kafka import ApacheKafka
     from kpimon.agents.tools import backfill as bf
-    from kpimon.agents.tools.simulator import generate
+    from kpimon.agents.tools.datasets import generate
     from kpimon.config.settings import from_mapping
     from kpimon.streams import admin
     from kpimon.streams.topics import Topics

@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from kpimon.agents.core.periods import format_duration, parse_duration
+from kpimon.agents.core.durations import format_duration, parse_duration
 from kpimon.errors import EXIT_CONFIG, KpimonError
 
 DEFAULT_PATH = Path(__file__).with_name("kpimon.yaml")
@@ -269,7 +269,7 @@ class Settings(_Model):
         return base / path
 
     def load_kpis(self):
-        from kpimon.config.kpis import load_kpis
+        from kpimon.config.kpi_loading import load_kpis
 
         path = self.kpis_path()
         if path is None:
@@ -297,40 +297,53 @@ _ENV = {
 API_TOKEN_ENV = "KPIMON_API_TOKEN"  # bearer token of the per-user HTTP endpoints (agents/http/api.py)
 
 
-def _format_error(source: str, err: ValidationError) -> str:
+def _format_error(source: str, err: ValidationError, from_env: dict[str, str] | None = None) -> str:
+    """One line per problem: ``file: key: what is wrong`` (or the environment variable that set the key)."""
     lines = []
     for item in err.errors():
         key = ".".join(str(p) for p in item["loc"]) or "<root>"
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"{source}: {key}: {msg}")
+        var = (from_env or {}).get(key)
+        where = f"{var} (overrides {source}: {key})" if var else f"{source}: {key}"
+        lines.append(f"{where}: {msg}")
     return "\n".join(lines)
 
 
 def from_mapping(data: dict[str, Any], source: str = "<mapping>", env: dict[str, str] | None = None) -> Settings:
-    """Validate a mapping (as read from YAML), apply environment overrides."""
+    """Validate a mapping (as read from YAML), apply environment overrides.
+
+    The overrides are the few ``KPIMON_*`` variables of ``_ENV`` (deployment
+    facts: where the broker and Redis are, the ports) plus the API token, read
+    here rather than through pydantic-settings so that an error names the file
+    *or* the variable that set the bad value, and the secret can never come
+    from the file.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: <root>: expected a mapping of keys, got {type(data).__name__}")
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     if isinstance(merged.get("api"), dict) and "token" in merged["api"]:
         raise ConfigError(f"{source}: api.token: secrets never live in the file; set {API_TOKEN_ENV} instead")
     environ = os.environ if env is None else env
+    from_env: dict[str, str] = {}
     for var, (section, key) in _ENV.items():
         value = environ.get(var)
         if value:
             merged.setdefault(section, {})
             if isinstance(merged[section], dict):
                 merged[section][key] = value
+                from_env[f"{section}.{key}"] = var
     token = environ.get(API_TOKEN_ENV)
     if token:
         merged.setdefault("api", {})
         if isinstance(merged["api"], dict):
             merged["api"]["token"] = token
+            from_env["api.token"] = API_TOKEN_ENV
     try:
         return Settings(**merged, source=source)
     except ValidationError as err:
-        raise ConfigError(_format_error(source, err)) from None
+        raise ConfigError(_format_error(source, err, from_env)) from None
 
 
 class _DuplicateKey(yaml.YAMLError):

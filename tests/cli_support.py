@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from typer.testing import CliRunner
@@ -27,3 +29,36 @@ def invoke(args: list[str], env: dict[str, str] | None = None):
 def flat(text: str) -> str:
     """Output without rich's line wrapping."""
     return "".join(text.split())
+
+
+class StandInWorker:
+    """A stand-in worker: ``GET /api/kpis`` answers ``status`` with ``body``; other paths 404.
+
+    ``paths`` lists every path asked, in order.
+    """
+
+    def __init__(self, body: bytes, status: int = 200) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.paths.append(self.path)
+                self.send_response(status if self.path == "/api/kpis" else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.paths: list[str] = []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

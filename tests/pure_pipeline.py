@@ -11,7 +11,7 @@ wire format into :func:`kpimon.agents.core.step.close_step` on a dict-backed
 :class:`Aggregator`, as ``IngestService._derived`` and the ``aggregate`` agent do.
 
 ``replay_records`` rebuilds an engine from the produced state-log records
-(through the msgpack wire format) with :class:`agents.statelog.Replayer`.
+(through the msgpack wire format) with :class:`agents.Replayer`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kpimon.agents.core.aggregate import Aggregator
+from kpimon.agents.core.batch import Record, process_messages
+from kpimon.agents.core.batch import decode as decode_record
+from kpimon.agents.core.batch import encode as encode_record
 from kpimon.agents.core.engine import EngineConfig, PartitionEngine
 from kpimon.agents.core.step import close_step, partition_outputs
-from kpimon.agents.worker import statelog
-from kpimon.agents.worker.ingest import process_messages
+from kpimon.agents.worker.recovery import Replayer
 from kpimon.streams import topics as wire
 from kpimon.streams.events import Decoder, format_money
 
@@ -84,7 +86,7 @@ class PipelineReport(dict):
     """
 
     totals: dict[str, Any]
-    records: dict[int, list[statelog.Record]]
+    records: dict[int, list[Record]]
     engines: dict[int, PartitionEngine]
     closed: list[wire.ClosedPeriod]
     watermark: int | None
@@ -130,7 +132,7 @@ def run_pipeline(lines: list[bytes], settings: Any, partitions: int, until_ms: i
         inputs[p].append(marker_record(p, len(inputs[p]), until_ms))
 
     engines = {p: PartitionEngine(cfg) for p in range(partitions)}
-    records: dict[int, list[statelog.Record]] = {p: [] for p in range(partitions)}
+    records: dict[int, list[Record]] = {p: [] for p in range(partitions)}
     late_offsets: dict[int, list[int]] = {p: [] for p in range(partitions)}
     dlq_offsets: dict[int, list[int]] = {p: [] for p in range(partitions)}
     next_offset: dict[int, int | None] = {p: None for p in range(partitions)}
@@ -206,19 +208,19 @@ def run_pipeline(lines: list[bytes], settings: Any, partitions: int, until_ms: i
 # state-log replay
 
 
-def replay_records(records: list[statelog.Record], settings: Any, *, through_wire: bool = True,
-                   repeat_each: bool = False) -> tuple[PartitionEngine, statelog.Replayer, list]:
+def replay_records(records: list[Record], settings: Any, *, through_wire: bool = True,
+                   repeat_each: bool = False) -> tuple[PartitionEngine, Replayer, list]:
     """A fresh engine rebuilt from ``records``; returns (engine, replayer, everything it closed).
 
     ``repeat_each`` feeds every record twice in a row (a record written twice).
     """
     engine = PartitionEngine(EngineConfig.from_settings(settings))
-    replayer = statelog.Replayer(engine)
+    replayer = Replayer(engine)
     outbox: list = []
     for rec in records:
         copies = 2 if repeat_each else 1
         for _ in range(copies):
-            r = statelog.decode(statelog.encode(rec)) if through_wire else rec
+            r = decode_record(encode_record(rec)) if through_wire else rec
             if replayer.feed(r):
                 outbox += engine.take_outbox()
     return engine, replayer, outbox
@@ -248,7 +250,7 @@ def closed_state(items: list) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def process_all(engine: PartitionEngine, settings: Any, msgs: list[FakeRecord], start: int,
-                batch_size: int = 7) -> tuple[list[statelog.Record], list]:
+                batch_size: int = 7) -> tuple[list[Record], list]:
     """Feed ``msgs`` to ``engine`` via process_messages, as a worker resuming at ``start``.
 
     Messages below ``start`` are dropped first (the worker's offset filter).
@@ -256,7 +258,7 @@ def process_all(engine: PartitionEngine, settings: Any, msgs: list[FakeRecord], 
     """
     decoder = Decoder(settings.money.decimals, min_epoch_ms=settings.min_epoch_ms)
     msgs = [m for m in msgs if m.offset >= start]
-    records: list[statelog.Record] = []
+    records: list[Record] = []
     outbox: list = []
     for i in range(0, len(msgs), batch_size):
         chunk = msgs[i:i + batch_size]

@@ -29,7 +29,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from kpimon.agents.core.periods import GRAINS, Calendar
+from kpimon.agents.core.grains import GRAINS
+from kpimon.agents.core.periods import Calendar
 from kpimon.streams.events import format_money
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -197,7 +197,7 @@ def targets_suggest(kpi: str = typer.Option(..., help="KPI id."),
                                                                       "actual over the mean."),
                     config: Path | None = ConfigOpt) -> None:
     """Propose the next period's target from closed snapshots, as YAML to paste into the KPI spec."""
-    from kpimon.agents.core.kpi import suggest_target
+    from kpimon.agents.core.kpi_targets import suggest_target
 
     settings = load_settings(config)
     spec = load_kpi_spec(settings)

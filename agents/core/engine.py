@@ -14,7 +14,7 @@ buffered events with ``ts < wm`` are applied, and lifecycle entries at instants
 periods (of every grain) that end there; their numbers go to the outbox.
 
 The engine never does I/O.  The agent that hosts it persists, for each batch,
-exactly the inputs that changed it (see :class:`agents.statelog.Record`), so
+exactly the inputs that changed it (see :class:`kpimon.agents.core.batch.Record`), so
 replaying those records rebuilds the same state after a crash.
 """
 
@@ -26,10 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from heapq import heappop, heappush
 
+from kpimon.agents.core.effects import EFFECTS, add_flows, net_revenue
+from kpimon.agents.core.grains import GRAINS, Period
 from kpimon.agents.core.lifecycle import ACTIVE, CHURNED, DEAD, STATES, Ladder, Thresholds
 from kpimon.agents.core.metrics import ENTERED, PeriodMetrics
-from kpimon.agents.core.periods import GRAINS, Calendar, Period
-from kpimon.streams.events import INVITE, PURCHASE, REFUND, SIGNUP, Event
+from kpimon.agents.core.periods import Calendar
+from kpimon.streams.events import Event
 
 NEVER = -(2**62)  # "minus infinity" for timestamps; compares as an int
 DAY = 86_400_000
@@ -286,12 +288,12 @@ class PartitionEngine:
                     for g, acc in enumerate(accs):
                         if a < periods[g].start_ms:
                             acc.active_users += 1
-        # The user is in zone 0 now, with state v.
-        code = ev.code
+        # The user is in zone 0 now, with state v.  What the event does: agents/core/effects.py.
+        eff = EFFECTS[ev.code]
+        if eff.flows:
+            add_flows(day, ev.code, ev.amount)
         first_signup = False
-        if code == PURCHASE:
-            day.orders += 1
-            day.revenue += ev.amount
+        if eff.purchase:
             lpm = v >> PURCHASE_SHIFT
             lp = (lpm - 1) * MINUTE if lpm else NEVER
             if lp < periods[0].start_ms:
@@ -299,7 +301,7 @@ class PartitionEngine:
                     if lp < periods[g].start_ms:
                         acc.paying_users += 1
             z0[uid] = (v & (SIGNED | LAST)) | ((t // MINUTE + 1) << PURCHASE_SHIFT)
-        elif code == SIGNUP:
+        elif eff.signup:
             if not v & SIGNED:
                 first_signup = True
                 z0[uid] = v | SIGNED
@@ -308,11 +310,6 @@ class PartitionEngine:
                 day.new_users_by_channel[ch] = day.new_users_by_channel.get(ch, 0) + 1
                 if ev.referrer_id is not None:
                     day.referred_signups += 1
-        elif code == REFUND:
-            day.revenue -= ev.amount
-            day.refunds += ev.amount
-        elif code == INVITE:
-            day.invites += 1
         if self.track_users:
             self._touch(ev, first_signup)
 
@@ -321,13 +318,10 @@ class PartitionEngine:
         if rec is None:
             rec = self.touched[ev.user_id] = [ev.ts, 0, None, None, 0]
         rec[0], rec[1] = ev.ts, 0
-        code = ev.code
         if first_signup:
             rec[2], rec[3] = ev.ts, ev.channel
-        elif code == PURCHASE:
-            rec[4] += ev.amount
-        elif code == REFUND:
-            rec[4] -= ev.amount
+        else:
+            rec[4] += net_revenue(ev.code, ev.amount)
 
     def _comeback(self, zone: int, a: int, t: int, day: PeriodMetrics) -> None:
         """A user last active at ``a`` (in ``zone``) is active again at ``t``."""

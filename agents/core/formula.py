@@ -17,7 +17,7 @@ strings, lambdas ... -- is refused by :func:`parse_formula` with a
 Arithmetic is done on :class:`fractions.Fraction`, so it is exact.  A division
 by zero gives ``None`` ("no value"), and ``None`` propagates through every
 operator.  Which names exist is not this module's business: the caller checks
-:attr:`Formula.names` against its catalogue (``agents.core.kpi.check_metric_name``)
+:attr:`Formula.names` against its catalogue (``agents.core.kpi_metrics.metric_name_problem``)
 when the spec is loaded.
 """
 

@@ -1,263 +1,53 @@
-"""KPI evaluation, payout curves, owner scores and target suggestions.  Pure.
+"""KPI evaluation: one KPI's value, progress, projection and result in one period.  Pure.
 
 This module works on the per-period metrics dict of
 :meth:`agents.core.metrics.PeriodMetrics.result` and on the KPI spec objects
 of :mod:`config.kpis` (it only reads their attributes, so it does not import
-the config layer).  All arithmetic is exact (:class:`fractions.Fraction`);
-rounding happens only when a value is written out (:func:`fmt`,
-``to_dict()``), half to even, with a fixed number of decimals.
-
-The rules are documented in ``docs/kpis.md``.  In short:
-
-* attainment = actual / target (``direction: higher``) or target / actual
-  (``lower``); a ``lower`` KPI whose actual is 0 (or below) is the best possible
-  outcome: attainment ``None``, note ``best``, multiplier = top of the curve;
-* payout: piecewise linear through the curve's points, ``floor`` below the
-  first point, flat after the last one, clamped to ``[floor, cap]``;
-* owner multiplier = sum over committed KPIs of weight' x multiplier (weights
-  renormalised over the committed KPIs that have a value) + sum over stretch
-  KPIs of weight x max(0, multiplier - 1): a stretch KPI can only add;
-* owner score = the same rule applied to the *credited* attainment (attainment
-  clipped to ``[0, last curve point]``) instead of the multiplier;
-* while a period is open, the status, the multiplier and the credited
-  attainment are computed from the *projected* attainment; once closed, from
-  the actual attainment.
+the config layer).  It owns compiling a KPI to a formula over metric paths
+(with its segment applied), the KPI's exact value, the expected progress of an
+open period (optionally shaped by a profile), the linear projection of additive
+KPIs, and :func:`evaluate_kpi`, which combines them with the scoring rules of
+:mod:`agents.core.kpi_scoring` into a :class:`KpiResult`.  While a period is
+open, the status, the multiplier and the credited attainment are computed from
+the *projected* attainment; once closed, from the actual attainment.  Owner
+scores live in :mod:`agents.core.owner_scores`, target suggestions in
+:mod:`agents.core.kpi_targets`; the rules are documented in ``docs/kpis.md``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import date
-from decimal import Decimal
 from fractions import Fraction
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Literal, cast, overload
+from typing import TYPE_CHECKING, Any, cast
 
-from kpimon.agents.core.formula import PREV, Formula, parse_formula, to_fraction
-from kpimon.agents.core.lifecycle import STATES
-from kpimon.agents.core.periods import Calendar, Grain, Period
+from kpimon.agents.core.formula import PREV, Formula, parse_formula
+from kpimon.agents.core.grains import Grain, Period
+from kpimon.agents.core.kpi_metrics import CHANNEL_SPLIT, MONEY_METRICS, is_additive, lookup
+from kpimon.agents.core.kpi_scoring import (
+    attainment,
+    exact_number,
+    exact_places,
+    fmt,
+    is_best,
+    payout,
+    status_for,
+    top_attainment,
+)
+from kpimon.agents.core.periods import Calendar
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kpimon.config.kpis import Kpi, Owner
+    from kpimon.config.kpis import Kpi
 
 __all__ = [
-    "ADDITIVE_METRICS",
-    "DEFAULT_CURVE",
-    "MONEY_METRICS",
-    "SCALAR_METRICS",
-    "STATUSES",
-    "Contribution",
-    "Curve",
     "KpiResult",
-    "OwnerScore",
-    "TargetSuggestion",
-    "attainment",
     "compile_kpi",
     "evaluate_kpi",
-    "exact_number",
     "expected_progress",
-    "fmt",
     "kpi_actual",
-    "lookup",
-    "metric_name_problem",
-    "payout",
-    "score_owner",
-    "status_for",
-    "suggest_target",
 ]
-
-# --------------------------------------------------------------------------- metric catalogue
-
-#: Top-level numbers of ``PeriodMetrics.result()``.
-SCALAR_METRICS: tuple[str, ...] = (
-    "new_users", "active_users", "orders", "paying_users", "revenue", "refunds", "invites",
-    "referred_signups", "entered_silent", "entered_sleeping", "entered_churned", "entered_dead",
-    "churn_warnings", "churned", "won_back",
-)
-#: Nested numbers: ``<group>.<key>``.
-NESTED_METRICS: dict[str, tuple[str, ...]] = {
-    "population": tuple(STATES),
-    "won_back_by_depth": ("churned", "dead"),
-}
-#: Metrics that are split by acquisition channel, and where the split lives.
-CHANNEL_SPLIT: dict[str, str] = {"new_users": "new_users_by_channel"}
-#: Flows that add up over time (a month is the sum of its days): projected linearly.
-ADDITIVE_METRICS: frozenset[str] = frozenset({
-    "new_users", "orders", "revenue", "refunds", "invites", "referred_signups", "entered_silent",
-    "entered_sleeping", "entered_churned", "entered_dead", "churn_warnings", "churned", "won_back",
-    "won_back_by_depth.churned", "won_back_by_depth.dead",
-})
-#: Money amounts (decimal strings in the metrics dict).
-MONEY_METRICS: frozenset[str] = frozenset({"revenue", "refunds"})
-RESERVED_CHANNELS = ("other", "unknown")
-
-STATUSES = ("on_track", "at_risk", "off_track", "no_data", "no_target")
-Direction = Literal["higher", "lower"]
-
-
-def _metric_list() -> str:
-    nested = [f"{g}.<{'|'.join(keys)}>" for g, keys in NESTED_METRICS.items()]
-    split = [f"{v}.<channel>" for v in CHANNEL_SPLIT.values()]
-    return ", ".join([*SCALAR_METRICS, *nested, *split])
-
-
-def metric_name_problem(name: str, channels: Sequence[str] | None = None, *, allow_prev: bool = True) -> str | None:
-    """``None`` if ``name`` is a known metric path (optionally ``prev.``-prefixed), else the fault.
-
-    ``channels``: the allowed channel labels (``Settings.channels``); ``other`` and
-    ``unknown`` are always allowed.  ``None`` accepts any channel label.
-    """
-    path = name
-    if path.startswith(PREV):
-        if not allow_prev:
-            return f"{name!r}: prev. is only allowed in a formula"
-        path = path[len(PREV):]
-        if path.startswith(PREV):
-            return f"{name!r}: prev. can only be used once"
-    if path in SCALAR_METRICS:
-        return None
-    group, _, key = path.partition(".")
-    if group in NESTED_METRICS and key:
-        if key in NESTED_METRICS[group]:
-            return None
-        return f"unknown metric {name!r}: {group} has {', '.join(NESTED_METRICS[group])}"
-    if group in CHANNEL_SPLIT.values() and key:
-        if "." in key:
-            return f"unknown metric {name!r}"
-        if channels is not None and key not in channels and key not in RESERVED_CHANNELS:
-            return f"unknown channel {key!r} in {name!r} (channels: {', '.join([*channels, *RESERVED_CHANNELS])})"
-        return None
-    return f"unknown metric {name!r} (metrics: {_metric_list()})"
-
-
-def _is_additive(name: str) -> bool:
-    if name.startswith(PREV):
-        return False
-    return name in ADDITIVE_METRICS or name.split(".", 1)[0] in CHANNEL_SPLIT.values()
-
-
-def lookup(metrics: Mapping[str, Any], path: str) -> Fraction:
-    """The exact value of a metric path in a ``PeriodMetrics.result()`` dict.
-
-    A channel missing from ``new_users_by_channel`` is 0 (the report omits zeros).
-    A missing key elsewhere raises ``KeyError`` naming the path.
-    """
-    group, _, key = path.partition(".")
-    if key and group in CHANNEL_SPLIT.values():
-        value = metrics.get(group, {}).get(key, 0)
-    else:
-        try:
-            value = metrics[group]
-            if key:
-                value = value[key]
-        except (KeyError, TypeError):
-            raise KeyError(f"metric {path!r} is missing from the metrics dict") from None
-    return to_fraction(value, path)
-
-
-# --------------------------------------------------------------------------- numbers
-
-
-def exact_number(value: Any, what: str = "value") -> Fraction:
-    """Like :func:`to_fraction`, but a float is read as the decimal it prints as
-    (``0.1`` -> 1/10): for numbers typed by people (YAML, arguments)."""
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"{what}: {value!r} is not finite")
-        return Fraction(Decimal(repr(value)))
-    return to_fraction(value, what)
-
-
-@overload
-def fmt(value: None, places: int = 4) -> None: ...
-@overload
-def fmt(value: Fraction | Decimal | int, places: int = 4) -> str: ...
-@overload
-def fmt(value: Fraction | Decimal | int | None, places: int = 4) -> str | None: ...
-def fmt(value: Fraction | Decimal | int | None, places: int = 4) -> str | None:
-    """Exact value -> decimal string with exactly ``places`` decimals, half to even."""
-    if value is None:
-        return None
-    n = round(Fraction(value) * 10**places)  # Fraction.__round__: half to even
-    sign = "-" if n < 0 else ""
-    digits = str(abs(n))
-    if places == 0:
-        return sign + digits
-    digits = digits.rjust(places + 1, "0")
-    return f"{sign}{digits[:-places]}.{digits[-places:]}"
-
-
-# --------------------------------------------------------------------------- payout curve
-
-
-@dataclass(frozen=True)
-class Curve:
-    """Piecewise-linear payout curve: ``points`` ((attainment, multiplier), ...)
-    with strictly increasing attainment; ``floor`` below the first point; flat
-    after the last point; the result is clamped to ``[floor, cap]``."""
-
-    points: tuple[tuple[Fraction, Fraction], ...]
-    floor: Fraction = Fraction(0)
-    cap: Fraction = Fraction(3, 2)
-
-
-DEFAULT_CURVE = Curve(
-    points=((Fraction(4, 5), Fraction(1, 2)), (Fraction(1), Fraction(1)), (Fraction(6, 5), Fraction(3, 2))),
-    floor=Fraction(0),
-    cap=Fraction(3, 2),
-)
-
-
-def _curve(curve: Any) -> tuple[list[tuple[Fraction, Fraction]], Fraction, Fraction]:
-    curve = DEFAULT_CURVE if curve is None else curve
-    pts = [(exact_number(x, "payout point"), exact_number(y, "payout point")) for x, y in curve.points]
-    return pts, exact_number(curve.floor, "payout floor"), exact_number(curve.cap, "payout cap")
-
-
-def payout(attainment: Fraction | Decimal | int | str | None, curve: Any = None) -> Fraction:
-    """Multiplier for ``attainment`` (a ratio: 1 = 100 %) on ``curve`` (default: :data:`DEFAULT_CURVE`).
-
-    ``None`` means "best possible" (a ``lower`` KPI at 0) and pays the top of the curve.
-    """
-    pts, floor, cap = _curve(curve)
-    if attainment is None:
-        y = pts[-1][1]
-    else:
-        a = exact_number(attainment, "attainment")
-        if a < pts[0][0]:
-            y = floor
-        elif a >= pts[-1][0]:
-            y = pts[-1][1]
-        else:
-            y = pts[0][1]
-            for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-                if x0 <= a < x1:
-                    y = y0 + (y1 - y0) * (a - x0) / (x1 - x0)
-                    break
-    return min(max(y, floor), cap)
-
-
-def _top_attainment(curve: Any) -> Fraction:
-    return _curve(curve)[0][-1][0]
-
-
-# --------------------------------------------------------------------------- attainment, progress, status
-
-
-def attainment(actual: Fraction | None, target: Fraction | None, direction: Direction) -> Fraction | None:
-    """actual/target (higher) or target/actual (lower).  ``None`` when there is no value or no
-    target, and for a ``lower`` KPI whose actual is <= 0 (the best case, see :func:`payout`)."""
-    if actual is None or target is None or target == 0:
-        return None
-    if direction == "lower":
-        return None if actual <= 0 else target / actual
-    return actual / target
-
-
-def _best(actual: Fraction | None, target: Fraction | None, direction: str) -> bool:
-    return direction == "lower" and actual is not None and target is not None and target != 0 and actual <= 0
-
 
 def _day_weight(profile: Any, day: date) -> Fraction:
     weekday = getattr(profile, "weekday", None)
@@ -300,20 +90,6 @@ def expected_progress(period: Period, now_ms: int, calendar: Calendar, profile: 
     return plain if total == 0 else done / total
 
 
-def status_for(projected: Fraction | None, at_risk: Any = Fraction(19, 20), off_track: Any = Fraction(4, 5)) -> str:
-    """on_track if projected >= at_risk, at_risk if >= off_track, else off_track; no_data if None."""
-    if projected is None:
-        return "no_data"
-    if projected >= exact_number(at_risk, "at_risk"):
-        return "on_track"
-    if projected >= exact_number(off_track, "off_track"):
-        return "at_risk"
-    return "off_track"
-
-
-# --------------------------------------------------------------------------- KPI values
-
-
 def _channel(kpi: Any) -> str | None:
     segment = getattr(kpi, "segment", None)
     return None if segment is None else segment.channel
@@ -348,7 +124,7 @@ def _linear(kpi: Any) -> bool:
     projection = getattr(kpi, "projection", None)
     if projection is not None:
         return projection == "linear"
-    return compile_kpi(kpi).is_linear(_is_additive, lambda name: name.startswith(PREV))
+    return compile_kpi(kpi).is_linear(is_additive, lambda name: name.startswith(PREV))
 
 
 def _decimals(kpi: Any) -> int:
@@ -403,22 +179,12 @@ class KpiResult:
         return {
             "kpi": self.kpi, "period": self.period, "grain": self.grain, "kind": self.kind,
             "direction": self.direction, "closed": self.closed,
-            "actual": fmt(self.actual, d), "target": fmt(self.target, max(d, _places(self.target))),
+            "actual": fmt(self.actual, d), "target": fmt(self.target, max(d, exact_places(self.target))),
             "attainment": fmt(self.attainment), "expected_progress": fmt(self.expected_progress),
             "projected_value": fmt(self.projected_value, d), "projected_attainment": fmt(self.projected_attainment),
             "status": self.status, "multiplier": fmt(self.multiplier),
             "credited_attainment": fmt(self.credited_attainment), "note": self.note,
         }
-
-
-def _places(value: Fraction | None) -> int:
-    """Decimals needed to write ``value`` exactly (at most 4 beyond the integer)."""
-    if value is None:
-        return 0
-    for places in range(5):
-        if (value * 10**places).denominator == 1:
-            return places
-    return 4
 
 
 def evaluate_kpi(
@@ -452,7 +218,7 @@ def evaluate_kpi(
     else:
         projected = None if progress == 0 else actual / progress
     projected_att = attainment(projected, target, direction)
-    best = _best(projected, target, direction)
+    best = is_best(projected, target, direction)
     note = None
     if target is None:
         status, multiplier, credited = "no_target", None, None
@@ -470,7 +236,7 @@ def evaluate_kpi(
             status = status_for(projected_att, getattr(kpi, "at_risk", Fraction(19, 20)),
                                 getattr(kpi, "off_track", Fraction(4, 5)))
         multiplier = payout(None if best else basis, curve)
-        top = _top_attainment(curve)
+        top = top_attainment(curve)
         # Not best, so basis is not None: projected is not None and the target is > 0 (validated);
         # a target of 0 would fail in max() as before.
         credited = top if best else min(max(cast(Fraction, basis), Fraction(0)), top)
@@ -480,163 +246,3 @@ def evaluate_kpi(
         expected_progress=progress, projected_value=projected, projected_attainment=projected_att,
         status=status, multiplier=multiplier, credited_attainment=credited, note=note, decimals=_decimals(kpi),
     )
-
-
-# --------------------------------------------------------------------------- owner scores
-
-
-@dataclass(frozen=True)
-class Contribution:
-    kpi: str
-    kind: str
-    weight: Fraction              # as configured
-    effective_weight: Fraction    # committed: renormalised over the committed KPIs with a value
-    attainment: Fraction | None   # credited attainment (clipped to [0, last curve point])
-    multiplier: Fraction | None
-    contribution: Fraction        # to the owner multiplier
-    status: str
-    counted: bool                 # False: no value or no target, left out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kpi": self.kpi, "kind": self.kind, "weight": fmt(self.weight),
-                "effective_weight": fmt(self.effective_weight), "attainment": fmt(self.attainment),
-                "multiplier": fmt(self.multiplier), "contribution": fmt(self.contribution),
-                "status": self.status, "counted": self.counted}
-
-
-@dataclass(frozen=True)
-class OwnerScore:
-    """``multiplier``: the payout multiplier (bonus = target bonus x multiplier).
-    ``score``: weighted credited attainment, same weighting rule.  Both ``None`` when no
-    committed KPI of the owner has a value (the owner cannot be scored for the period)."""
-
-    owner: str
-    score: Fraction | None
-    multiplier: Fraction | None
-    committed: Fraction | None
-    stretch_bonus: Fraction
-    contributions: tuple[Contribution, ...] = field(default_factory=tuple)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"owner": self.owner, "score": fmt(self.score), "multiplier": fmt(self.multiplier),
-                "committed": fmt(self.committed), "stretch_bonus": fmt(self.stretch_bonus),
-                "contributions": [c.to_dict() for c in self.contributions]}
-
-
-def score_owner(owner: Owner, results: Mapping[str, KpiResult]) -> OwnerScore:
-    """Combine the owner's KPI results (``results[kpi_id]``) by their weights.
-
-    Committed KPIs: weight renormalised over the committed KPIs that have a value,
-    contribution = weight' x multiplier.  Stretch KPIs: contribution =
-    weight x max(0, multiplier - 1), so they can only add.  KPIs without a value or
-    target (status no_data / no_target) are left out.
-    """
-    holdings = [(h.kpi, exact_number(h.weight, "weight")) for h in owner.kpis]
-    missing = [k for k, _ in holdings if k not in results]
-    if missing:
-        raise KeyError(f"owner {owner.id!r}: no result for KPI(s) {', '.join(missing)}")
-    counted = {k: results[k].multiplier is not None for k, _ in holdings}
-    committed_weight = sum((w for k, w in holdings if results[k].kind != "stretch" and counted[k]), Fraction(0))
-    contributions: list[Contribution] = []
-    committed = stretch = score_c = score_s = Fraction(0)
-    for kpi_id, weight in holdings:
-        r = results[kpi_id]
-        m = r.multiplier  # `m is not None` is counted[kpi_id]
-        # A counted result has a credited attainment too (evaluate_kpi sets both or neither).
-        if r.kind == "stretch":
-            eff = weight
-            contrib = weight * max(Fraction(0), m - 1) if m is not None else Fraction(0)
-            stretch += contrib
-            if m is not None:
-                score_s += weight * max(Fraction(0), cast(Fraction, r.credited_attainment) - 1)
-        else:
-            eff = weight / committed_weight if m is not None else Fraction(0)
-            contrib = eff * m if m is not None else Fraction(0)
-            committed += contrib
-            if m is not None:
-                score_c += eff * cast(Fraction, r.credited_attainment)
-        contributions.append(Contribution(kpi_id, r.kind, weight, eff, r.credited_attainment, r.multiplier,
-                                          contrib, r.status, counted[kpi_id]))
-    if committed_weight == 0:
-        return OwnerScore(owner.id, None, None, None, stretch, tuple(contributions))
-    return OwnerScore(owner.id, score_c + score_s, committed + stretch, committed, stretch, tuple(contributions))
-
-
-# --------------------------------------------------------------------------- target suggestion
-
-
-@dataclass(frozen=True)
-class TargetSuggestion:
-    value: Decimal          # the suggested target, rounded to ``decimals`` (half to even)
-    exact: Fraction         # before rounding
-    mean: Fraction          # mean of the periods used
-    periods_used: int
-    yaml: str               # a snippet to paste into config/kpis.yaml
-
-
-def _input_places(value: Any) -> int:
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
-        return 0
-    if isinstance(value, (str, float)):
-        text = value.strip() if isinstance(value, str) else repr(value)
-        exp = Decimal(text).as_tuple().exponent
-        return min(max(-exp, 0), 4) if isinstance(exp, int) else 4
-    if isinstance(value, Decimal):
-        exp = value.as_tuple().exponent
-        return min(max(-exp, 0), 4) if isinstance(exp, int) else 4
-    return _places(Fraction(value))
-
-
-def suggest_target(
-    history: Sequence[Any],
-    n: int = 3,
-    haircut: Any = Fraction(1, 10),
-    seasonal_reference: Any = None,
-    direction: Direction = "higher",
-    *,
-    label: str | None = None,
-    kpi_id: str | None = None,
-    decimals: int | None = None,
-) -> TargetSuggestion:
-    """Suggest a target from closed-period actuals (oldest first).
-
-    value = mean(last ``n`` values) x (1 - haircut) for ``higher``, x (1 + haircut) for
-    ``lower``, x ``seasonal_reference`` if given (e.g. last year's same month / the mean of
-    the months before it).  Fewer than ``n`` values: all of them are used.  ``decimals``
-    (default: the most decimals among the inputs used, at most 4) rounds the value, half to
-    even.  ``label`` puts the value under a period label in the YAML snippet.
-    """
-    if n < 1:
-        raise ValueError("n must be at least 1")
-    if direction not in ("higher", "lower"):
-        raise ValueError(f"direction must be higher or lower, got {direction!r}")
-    values = [v for v in history if v is not None]
-    if not values:
-        raise ValueError("history has no values")
-    used = values[-n:]
-    exact_used = [exact_number(v, "history value") for v in used]
-    h = exact_number(haircut, "haircut")
-    if not 0 <= h < 1:
-        raise ValueError("haircut must be in [0, 1)")
-    mean = sum(exact_used, Fraction(0)) / len(exact_used)
-    value = mean * (1 - h if direction == "higher" else 1 + h)
-    season = Fraction(1)
-    if seasonal_reference is not None:
-        season = exact_number(seasonal_reference, "seasonal_reference")
-        if season <= 0:
-            raise ValueError("seasonal_reference must be positive")
-        value *= season
-    places = decimals if decimals is not None else max(_input_places(v) for v in used)
-    rounded = Decimal(fmt(value, places))
-    sign = "-" if direction == "higher" else "+"
-    comment = (f"# {kpi_id + ': ' if kpi_id else ''}mean of the last {len(used)} period(s) {fmt(mean)}, "
-               f"{sign}{fmt(h * 100, 2).rstrip('0').rstrip('.')} % ({direction} is better)")
-    if seasonal_reference is not None:
-        comment += f", x {fmt(season)} seasonal"
-    if label is None:
-        snippet = f"{comment}\ntarget: {rounded}\n"
-    else:
-        snippet = f'{comment}\ntarget:\n  "{label}": {rounded}\n'
-    return TargetSuggestion(rounded, value, mean, len(used), snippet)

@@ -19,8 +19,9 @@ from typing import Any
 
 import msgspec
 
+from kpimon.agents.core.effects import add_flows
 from kpimon.agents.core.metrics import PeriodMetrics
-from kpimon.streams.events import INVITE, PURCHASE, REFUND, Event, format_money
+from kpimon.streams.events import Event, format_money
 
 _encode = msgspec.json.Encoder(order="sorted").encode
 
@@ -65,18 +66,7 @@ def late_delta(events: list[Event], decimals: int) -> tuple[PeriodMetrics, int]:
     d = PeriodMetrics()
     n = 0
     for ev in events:
-        code = ev.code
-        if code == PURCHASE:
-            d.orders += 1
-            d.revenue += ev.amount
-        elif code == REFUND:
-            d.revenue -= ev.amount
-            d.refunds += ev.amount
-        elif code == INVITE:
-            d.invites += 1
-        else:
-            continue
-        n += 1
+        n += add_flows(d, ev.code, ev.amount)  # flows commute: agents/core/effects.py
     return d, n
 
 

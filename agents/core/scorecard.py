@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from kpimon.agents.core.kpi import evaluate_kpi, score_owner
-from kpimon.agents.core.periods import Calendar, Grain, Period
+from kpimon.agents.core.grains import Grain, Period
+from kpimon.agents.core.kpi import evaluate_kpi
+from kpimon.agents.core.owner_scores import score_owner
+from kpimon.agents.core.periods import Calendar
 
 
 def evaluate_period(spec: Any, grain: str, label: str, start: int, end: int, metrics: dict[str, Any],

@@ -12,12 +12,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kpimon.agents.core.batch import Tally
 from kpimon.agents.core.engine import WINDOW_NAMES, PartitionEngine
 from kpimon.agents.core.lifecycle import STATES
 from kpimon.agents.core.metrics import ADDITIVE, DISTINCT
@@ -27,21 +27,6 @@ PERIOD_METRICS = tuple(m for m in (*DISTINCT, *ADDITIVE) if m not in ("won_back_
     "won_back",
 )
 MONEY_METRICS = {"revenue", "refunds"}
-
-
-@dataclass
-class Tally:
-    """What one batch contributes to the counters."""
-
-    types: dict[str, int] = field(default_factory=dict)
-    signups: dict[str, int] = field(default_factory=dict)
-    orders: int = 0
-    invites: int = 0
-    revenue: int = 0  # minor units
-    refunds: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    duplicates: int = 0
-    late: int = 0
 
 
 class KpimonMetrics:
@@ -86,8 +71,8 @@ class KpimonMetrics:
             self.orders.inc(tally.orders)
         if tally.invites:
             self.invites.inc(tally.invites)
-        if tally.revenue:
-            self.revenue.inc(tally.revenue / self._unit)
+        if tally.gross:
+            self.revenue.inc(tally.gross / self._unit)
         if tally.refunds:
             self.refunds.inc(tally.refunds / self._unit)
 

@@ -35,7 +35,7 @@ inside the range; replay skips them, so they change nothing).  An update
 without users only moves the position: it is merged into the next one, or
 written with the next probe.  It only queues: a background task
 writes the queue, one pipeline per round (one round trip for every queued
-partition), one ``EVALSHA`` of :data:`APPLY_LUA` per partition and per chunk of
+partition), one ``EVALSHA`` of ``APPLY_LUA`` (agents/serving/lua.py) per partition and per chunk of
 :data:`CHUNK_USERS` users.  The script compares the partition's stored
 position with the update's ``[start, end)``: ``stored >= end`` means already
 applied (a repeat: nothing happens; ``result="repeat"`` counts only these: an
@@ -68,7 +68,7 @@ transactions:
   connection dropped mid-pipeline) is put back and merged too: re-applying it
   is harmless.
 * *Crashes.*  A worker that dies with a backlog loses nothing: the next owner
-  of the partition (:class:`Recovery`, run by ``IngestService.recover``) reads
+  of the partition (``ServingRecovery`` in agents/worker/recovery.py) reads
   the stored position, replays the state log with change tracking switched on
   for the records at or past it (tick records included), and submits those
   users as one update starting at that position.  Revenue is rebuilt from the
@@ -97,73 +97,27 @@ keys alone (they can be deleted).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import msgspec
 
-from kpimon.agents.core.engine import WINDOWS, EngineConfig, PartitionEngine
+from kpimon.agents.core.effects import net_revenue
+from kpimon.agents.core.engine import WINDOWS
 from kpimon.agents.core.lifecycle import STATES, Ladder, Thresholds
 from kpimon.agents.serving import redis_client
-from kpimon.agents.worker import statelog
+from kpimon.agents.serving.lua import APPLY_LUA, APPLY_SHA, RESET
 from kpimon.backoff import Backoff
-from kpimon.streams.events import PURCHASE, REFUND, format_money
+from kpimon.streams.events import format_money
 from kpimon.streams.topics import Topics
 
 log = logging.getLogger("kpimon.serving")
 _msgpack = msgspec.msgpack.Encoder()
 
-RESET = -1  # update start: a full snapshot of the partition; applies unless the stored position is already >= end
-FORCE = -2  # update start: apply whatever is stored (the stored position was ahead of the state log)
 CHUNK_USERS = 5000  # users per script call; a call runs atomically in Redis, so this bounds its pause
 CALLS_PER_TRIP = 8  # script calls per pipeline: a large backlog is written in several round trips
-
-# KEYS[1] offsets hash, KEYS[2] in-progress hash.
-# ARGV: key prefix, partition, start, end, final (1/0), users: a msgpack array of
-#   [user_id, state, last_activity, signup_ts ('' = none), channel ('' = none), revenue minor, revenue decimal]
-#   (one blob: encoding 5000 users costs the worker ~0.3 ms instead of ~30 ms as 35000 separate arguments).
-# Returns {1, users written} | {0, stored position} (repeat: nothing done) | {-1, stored position or -1} (gap).
-APPLY_LUA = """
-local p = ARGV[2]
-local start = tonumber(ARGV[3])
-local stop = tonumber(ARGV[4])
-local cur = redis.call('HGET', KEYS[1], p)
-if start ~= -2 then
-  if cur and tonumber(cur) >= stop then return {0, cur} end
-  if start >= 0 and ((not cur) or tonumber(cur) < start) then return {-1, cur or '-1'} end
-  local prog = redis.call('HGET', KEYS[2], p)
-  if prog and tonumber(prog) > stop then return {0, cur or '-1'} end
-end
-local prefix = ARGV[1]
-local zset = prefix .. 'at-risk:'
-local users = cmsgpack.unpack(ARGV[6])
-for i = 1, #users do
-  local u = users[i]
-  local uid = u[1]
-  local key = prefix .. 'user:' .. uid
-  local st = u[2]
-  local old = redis.call('HGET', key, 'state')
-  redis.call('HSET', key, 'state', st, 'last_activity', u[3], 'lifetime_revenue_minor', u[6],
-             'lifetime_revenue', u[7])
-  if u[4] ~= '' then
-    redis.call('HSET', key, 'signup_ts', u[4])
-    if u[5] ~= '' then redis.call('HSET', key, 'channel', u[5]) end
-  end
-  if old and old ~= st then redis.call('ZREM', zset .. old, uid) end
-  redis.call('ZADD', zset .. st, u[3], uid)
-end
-if ARGV[5] == '1' then
-  redis.call('HSET', KEYS[1], p, ARGV[4])
-  redis.call('HDEL', KEYS[2], p)
-else
-  redis.call('HSET', KEYS[2], p, ARGV[4])
-end
-return {1, #users}
-"""
-APPLY_SHA = hashlib.sha1(APPLY_LUA.encode()).hexdigest()
 
 # user_id -> (state index, last activity, signup ts | None, channel | None, lifetime revenue minor units)
 Users = dict[str, tuple[int, int, "int | None", "str | None", int]]
@@ -206,24 +160,21 @@ class Update:
 def add_revenue(acc: dict[str, int], events: Iterable[Any], sign: int = 1) -> None:
     """Add the purchase minus refund amounts of ``events`` per user (minor units)."""
     for ev in events:
-        code = ev.code
-        if code == PURCHASE:
-            acc[ev.user_id] = acc.get(ev.user_id, 0) + sign * ev.amount
-        elif code == REFUND:
-            acc[ev.user_id] = acc.get(ev.user_id, 0) - sign * ev.amount
+        net = net_revenue(ev.code, ev.amount)  # agents/core/effects.py
+        if net:
+            acc[ev.user_id] = acc.get(ev.user_id, 0) + sign * net
 
 
 class LogSource(Protocol):
     """What the writer needs from the worker that owns the partitions: the seam between serving and ingest."""
 
-    cfg: EngineConfig
-
     def owns(self, partition: int) -> bool:
         """Whether the worker currently owns ``partition`` of the input."""
         ...
 
-    def read_log(self, partitions: list[int]) -> AsyncIterator[tuple[int, int, statelog.Record]]:
-        """Every state-log record of ``partitions``, in order: (partition, state-log offset, Record)."""
+    async def replay_users(self, partition: int) -> tuple[dict[str, list], dict[str, int], int]:
+        """Every user of ``partition`` from a fresh replay of the state log: (touched users, lifetime net
+        revenue, state-log position reached); see agents/worker/recovery.py ``replay_users``."""
         ...
 
 
@@ -582,7 +533,7 @@ class ServingWriter:
                 self._forget(p)
                 return
             try:
-                snapshot = await (self._rebuild(p) if self._rebuild is not None else rebuild_from_log(self, p))
+                snapshot = await (self._rebuild(p) if self._rebuild is not None else self._replay(p))
             except Exception:
                 log.exception("rebuilding partition %d of the serving layer failed; retrying", p)
                 await asyncio.sleep(delay.next())
@@ -594,6 +545,11 @@ class ServingWriter:
                         len(snapshot.users), snapshot.end)
             self._enqueue(p, snapshot, front=True)
             return
+
+    async def _replay(self, p: int) -> Update:
+        assert self.source is not None, "the writer needs attach() before it can rebuild from the state log"
+        touched, revenue, end = await self.source.replay_users(p)
+        return Update(RESET, end, self._absolute(touched, revenue, fold=False))
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Write what is queued (up to ``timeout``), then stop.  A backlog left is rewritten by the next owner."""
@@ -625,86 +581,8 @@ class ServingWriter:
             self._client = None
 
 
-async def rebuild_from_log(writer: ServingWriter, p: int) -> Update:
-    """Every user of partition ``p`` as of the end of its state log, from a fresh replay (data-loss repair)."""
-    source = writer.source
-    assert source is not None, "rebuild_from_log needs attach() first"
-    engine = PartitionEngine(source.cfg)
-    engine.track_users = True
-    rp = statelog.Replayer(engine, p)
-    revenue: dict[str, int] = {}
-    n = end = 0
-    async for _, offset, record in source.read_log([p]):
-        if rp.feed(record):
-            add_revenue(revenue, record.events)
-        end = offset + 1
-        n += 1
-        if n % 8 == 0:
-            await asyncio.sleep(0)  # the live stream keeps going meanwhile
-    add_revenue(revenue, engine.buffered(), -1)  # accepted, not yet applied
-    users = writer._absolute(engine.take_touched(), revenue, fold=False)
-    return Update(RESET, end, users)
-
-
-class Recovery:
-    """The serving side of ``IngestService.recover`` for the partitions being assigned.
-
-    ``before`` switches change tracking on for the records past the stored
-    position (all of them if it is unknown), ``applied`` sums the revenue of
-    every replayed record, ``finish`` submits the tracked users as one update
-    from the stored position to the replay's end and leaves tracking on.
-    Positions are state-log offsets: the record at offset ``o`` is reflected
-    once the stored position is ``o + 1`` or more.
-    """
-
-    def __init__(self, writer: ServingWriter, partitions: list[int], known: dict[int, int | None] | None) -> None:
-        self.writer = writer
-        self.known = known
-        self.revenue: dict[int, dict[str, int]] = {p: {} for p in partitions}
-        if known is None:
-            log.warning("serving layer unreachable while recovering partitions %s: every user of them will be "
-                        "rewritten once it is back", partitions)
-
-    @classmethod
-    async def begin(cls, writer: ServingWriter, partitions: list[int]) -> Recovery:
-        writer.start()
-        return cls(writer, partitions, await writer.read_offsets(partitions))
-
-    def stored(self, p: int) -> int | None:
-        return None if self.known is None else self.known.get(p)
-
-    def before(self, p: int, record: statelog.Record, engine: PartitionEngine, offset: int) -> None:
-        """``record`` (at state-log ``offset``) is about to be replayed."""
-        stored = self.stored(p)
-        engine.track_users = stored is None or offset >= stored
-
-    def applied(self, p: int, record: statelog.Record) -> None:
-        add_revenue(self.revenue[p], record.events)
-
-    def finish(self, p: int, engine: PartitionEngine, end: int) -> None:
-        """The replay reached state-log position ``end`` (the offset after the partition's last record)."""
-        stored = self.stored(p)
-        if stored is None:
-            start = RESET
-        elif stored > end:
-            log.error("serving layer position %d of partition %d is ahead of the state log (%d): it was written "
-                      "by another deployment; overwriting (use a fresh redis.key_prefix per deployment)",
-                      stored, p, end)
-            start = FORCE
-        else:
-            start = stored
-        revenue = self.revenue[p]
-        add_revenue(revenue, engine.buffered(), -1)  # accepted, not yet applied
-        engine.track_users = True
-        self.writer.recovered(p, start, end, engine.take_touched(), revenue)
-
-
 __all__ = [
-    "APPLY_LUA",
     "CHUNK_USERS",
-    "FORCE",
-    "RESET",
-    "Recovery",
     "ServingWriter",
     "Update",
     "connect",

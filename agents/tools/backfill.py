@@ -48,8 +48,9 @@ from typing import Any
 import orjson
 import yaml
 
+from kpimon.agents.core.grains import GRAINS
 from kpimon.agents.core.metrics import PeriodMetrics
-from kpimon.agents.core.periods import GRAINS, Calendar
+from kpimon.agents.core.periods import Calendar
 from kpimon.errors import KpimonError
 from kpimon.streams import admin
 from kpimon.streams import topics as wire

@@ -44,7 +44,8 @@ from rich.text import Text
 
 from kpimon.agents.core.lifecycle import STATES
 from kpimon.agents.tools.backfill import spawn_worker, stop_worker, worker_settings, write_config
-from kpimon.agents.tools.simulator import Simulator, bad_line, time_scale_for
+from kpimon.agents.tools.datasets import bad_line
+from kpimon.agents.tools.simulator import Simulator, time_scale_for
 from kpimon.config.settings import DEFAULT_PATH, Settings, load
 from kpimon.errors import KpimonError
 

@@ -1,1 +1,1 @@
-"""The worker: the faust app, the batch ingest loop, the state log, recovery and loop health."""
+"""The worker: the faust app, the batch ingest loop, recovery from the state log, and loop health."""

@@ -23,121 +23,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Iterable
-from operator import attrgetter
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from kpimon.agents.core.batch import Batch, Record, Tally, process_messages
+from kpimon.agents.core.batch import encode as encode_record
 from kpimon.agents.core.engine import EngineConfig, PartitionEngine
 from kpimon.agents.core.step import message_key, partition_outputs
-from kpimon.agents.metrics.exporter import KpimonMetrics, Tally
-from kpimon.agents.worker import statelog
+from kpimon.agents.metrics.exporter import KpimonMetrics
+from kpimon.agents.worker import recovery
 from kpimon.streams import admin
 from kpimon.streams import topics as wire
-from kpimon.streams.events import INVITE, PURCHASE, REFUND, SIGNUP, Decoder, Event, Reason, Rejected
+from kpimon.streams.events import Decoder
 from kpimon.streams.topics import Topics
 
 log = logging.getLogger("kpimon.ingest")
 
-RECORD_BYTES = 512 * 1024
 OPEN_EVERY_S = 2.0  # how often a partition's progress carries its open periods (live KPIs)
-_type_of = attrgetter("type")  # split a batch's state-log record above this much input
-
-
-def _header(msg: ConsumerRecord, name: str) -> bytes | None:
-    for key, value in msg.headers or ():
-        if key == name:
-            return value
-    return None
-
-
-class Batch:
-    """The outcome of processing one run of messages from one partition."""
-
-    __slots__ = ("record", "dlq", "late", "tally", "wm")
-
-    def __init__(self, record: statelog.Record, dlq: list, late: list, tally: Tally, wm: int = 0) -> None:
-        self.record = record
-        self.dlq = dlq
-        self.late = late
-        self.tally = tally
-        self.wm = wm  # the watermark the late events were refused against
-
-
-def process_messages(engine: PartitionEngine, decoder: Decoder, msgs: list[ConsumerRecord], pos: int,
-                     start: int, clock: int | None, channel_label) -> tuple[Batch, int]:
-    """Process ``msgs[pos:]`` up to a watermark marker or the size limit.
-
-    ``start`` is the source offset the record begins at (the end of the
-    previous record, so that the state log forms an unbroken chain even across
-    offsets the broker no longer has).  Returns the batch outcome and the
-    position of the first message not taken.  No I/O: the caller sends what
-    the batch carries.
-    """
-    decoded: list[Event] = []
-    sources: list[ConsumerRecord] = []
-    dlq: list[tuple[ConsumerRecord, Rejected]] = []
-    marker = None
-    size = 0
-    decode = decoder.decode
-    n = len(msgs)
-    while pos < n:
-        msg = msgs[pos]
-        pos += 1
-        value = msg.value
-        if msg.headers:
-            mark = _header(msg, wire.WATERMARK_HEADER)
-            if mark is not None:
-                try:
-                    marker = int(mark)
-                except ValueError:
-                    dlq.append((msg, Rejected(Reason.INVALID_FIELD, f"bad {wire.WATERMARK_HEADER} header {mark!r}")))
-                    continue
-                break
-        if value is None:
-            dlq.append((msg, Rejected(Reason.NOT_JSON, "empty record (no value)")))
-            continue
-        try:
-            decoded.append(decode(value))
-        except Rejected as rej:
-            dlq.append((msg, rej))
-            continue
-        sources.append(msg)
-        size += len(value)
-        if size >= RECORD_BYTES:
-            break
-    totals = engine.totals
-    dups0 = totals.duplicates
-    wm = engine.wm
-    events, late_idx = engine.offer_batch(decoded)
-    late = [sources[i] for i in late_idx]
-    tally = Tally(types=dict(Counter(map(_type_of, events))), duplicates=totals.duplicates - dups0, late=len(late))
-    for ev in [ev for ev in events if ev.code]:
-        code = ev.code
-        if code == PURCHASE:
-            tally.orders += 1
-            tally.revenue += ev.amount
-        elif code == SIGNUP:
-            ch = channel_label(ev.channel)
-            tally.signups[ch] = tally.signups.get(ch, 0) + 1
-        elif code == REFUND:
-            tally.refunds += ev.amount
-        elif code == INVITE:
-            tally.invites += 1
-    rejected: dict[str, int] = {}
-    for _, refusal in dlq:
-        rejected[refusal.reason.value] = rejected.get(refusal.reason.value, 0) + 1
-        totals.add_rejected(refusal.reason.value)
-    tally.rejected = rejected
-    if late_idx:
-        wm = engine.wm
-    engine.advance(clock=clock, marker=marker)
-    record = statelog.Record(start, msgs[pos - 1].offset + 1, clock, marker, events, rejected, tally.duplicates,
-                             tally.late, engine.cfg.fingerprint)
-    return Batch(record, dlq, late, tally, wm), pos
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -301,7 +206,7 @@ class IngestService:
                 off = offsets.get(p)
                 if p not in busy and off is not None:
                     engine.advance(clock=clock)
-                    tick = statelog.Record(off, off, clock, None, [], {}, 0, 0, self.cfg.fingerprint)
+                    tick = Record(off, off, clock, None, [], {}, 0, 0, self.cfg.fingerprint)
                     results.append((p, Batch(tick, [], [], Tally())))
                     if serving is not None:
                         # Users whose buffered events the clock made final, or who aged into a new state: the
@@ -359,7 +264,7 @@ class IngestService:
                            (wire.H_OFFSET, str(msg.offset).encode()), (wire.H_WATERMARK, wm)]
                 side.append((t.late, {"value": msg.value, "key": msg.key, "headers": headers}))
         await self._send_all(side)
-        acks = await self._send_all([(t.state_log, {"value": statelog.encode(out.record), "partition": p})
+        acks = await self._send_all([(t.state_log, {"value": encode_record(out.record), "partition": p})
                                      for p, out in results])
         if serving and self.serving is not None:
             # The records are durable: queue their users for Redis (never waits for it), each record as the
@@ -396,55 +301,34 @@ class IngestService:
                 log.info("released partitions %s", partitions)
 
     async def recover(self, partitions: list[int]) -> None:
-        """Rebuild the engines of newly assigned partitions from the state log."""
+        """Rebuild the engines of newly assigned partitions from the state log (agents/worker/recovery.py)."""
         if self.serving is not None:
             self.serving.retain([*partitions, *self.engines])  # forget partitions another worker now owns
         if not partitions:
             return
         async with self._lock:
             started = time.monotonic()
-            replayers = {p: statelog.Replayer(PartitionEngine(self.cfg), p) for p in partitions}
-            last_outbox: dict[int, list] = {p: [] for p in partitions}
-            # Serving layer: track the users changed past the offset Redis reflects (agents/serving/writer.py).
-            serving = None
-            if self.serving is not None:
-                from kpimon.agents.serving.writer import Recovery
-
-                serving = await Recovery.begin(self.serving, partitions)
-            log_end = dict.fromkeys(partitions, 0)  # state-log position reached per partition
-            async for p, offset, record in self.read_log(partitions):
-                rp = replayers[p]
-                log_end[p] = offset + 1
-                if serving is not None:
-                    serving.before(p, record, rp.engine, offset)
-                if rp.feed(record):
-                    last_outbox[p] = rp.engine.take_outbox()
-                    if serving is not None:
-                        serving.applied(p, record)
+            rebuilt = await recovery.replay_partitions(self.cfg, self.read_log, partitions, self.serving)
             assert self.consumer is not None
-            for p, rp in replayers.items():
-                engine = rp.engine
-                # Re-publish what the last record closed: it may not have left
-                # before the previous owner stopped (idempotent downstream).
-                engine.outbox = last_outbox[p]
-                engine.transitions.clear()
+            for p, rec in rebuilt.items():
+                engine = rec.engine
+                engine.outbox = rec.last_outbox  # re-published below: idempotent downstream
                 self.engines[p] = engine
                 tp = TopicPartition(self.topics.events, p)
-                if rp.offset is None:
+                if rec.offset is None:
                     await self.consumer.seek_to_beginning(tp)
                     self.offsets[p] = await self.consumer.position(tp)
                 else:
-                    self.consumer.seek(tp, rp.offset)
-                    self.offsets[p] = rp.offset
-                if serving is not None:
-                    self.log_pos[p] = log_end[p]
-                    serving.finish(p, engine, log_end[p])
-                if rp.applied:
+                    self.consumer.seek(tp, rec.offset)
+                    self.offsets[p] = rec.offset
+                if self.serving is not None:
+                    self.log_pos[p] = rec.log_end
+                if rec.applied:
                     msgs, _ = self._derived(p)
                     await self._send_all([(self.topics.partials, {"key": k, "value": v, "partition": 0})
                                           for k, v in msgs])
                 log.info("recovered partition %d: %d records applied, %d skipped, offset %s, %d users",
-                         p, rp.applied, rp.skipped, rp.offset, engine.user_count())
+                         p, rec.applied, rec.skipped, rec.offset, engine.user_count())
             log.info("recovered %d partitions in %.2fs", len(partitions), time.monotonic() - started)
 
     # The serving layer's view of this worker (agents/serving/writer.py LogSource).
@@ -452,9 +336,13 @@ class IngestService:
         """Whether this worker currently owns ``partition`` of the input."""
         return partition in self.engines
 
-    def read_log(self, partitions: list[int]) -> AsyncIterator[tuple[int, int, statelog.Record]]:
+    def read_log(self, partitions: list[int]) -> AsyncIterator[tuple[int, int, Record]]:
         """Every state-log record of ``partitions``, in order: (partition, state-log offset, Record)."""
-        return statelog.read_log(self.settings.kafka.bootstrap, self.topics.state_log, partitions)
+        return recovery.read_log(self.settings.kafka.bootstrap, self.topics.state_log, partitions)
+
+    async def replay_users(self, partition: int) -> tuple[dict[str, list], dict[str, int], int]:
+        """Every user of ``partition`` from a fresh replay of the state log (the serving layer's repair)."""
+        return await recovery.replay_users(self.cfg, self.read_log, partition)
 
     def owned_engines(self) -> list[PartitionEngine]:
         return list(self.engines.values())

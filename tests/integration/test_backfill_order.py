@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from kpimon.agents.tools import backfill as bf
-from kpimon.agents.tools.simulator import generate
+from kpimon.agents.tools.datasets import generate
 from kpimon.config.settings import from_mapping
 
 pytestmark = pytest.mark.integration
@@ -25,18 +25,22 @@ DAY = 86_400_000
 
 
 def _history(n: int, seed: int) -> list[bytes]:
-    lines = list(generate(n, start_ms=START, seed=seed, users=3000, bad_ratio=0.005, duplicate_ratio=0.01))
+    lines = list(generate(n, start_ms=START, seed=seed, users=n // 33, bad_ratio=0.005, duplicate_ratio=0.01))
     # The same event_id twice with different content (and the same ts and user): the dedup keeps
     # whichever comes first, so the backfill's order must not come from the file's order.
-    twins = [orjson.loads(line) for line in lines[::2000] if b'"purchase"' in line or b'"login"' in line]
+    twins = [orjson.loads(line) for line in lines[::n // 80] if b'"purchase"' in line or b'"login"' in line]
+    assert len(twins) >= 3
     for ev in twins:
         ev["amount"] = "1.23"
         ev["type"] = "purchase"
     return lines + [orjson.dumps(ev) for ev in twins]
 
 
-def test_a_shuffled_history_gives_the_byte_identical_report(kafka, tmp_path):
-    lines = _history(100_000, seed=23)
+def test_a_shuffled_history_gives_the_byte_identical_report(kafka, tmp_path, monkeypatch):
+    sorts: list[bf.SortedHistory] = []
+    real_sort = bf.sort_history
+    monkeypatch.setattr(bf, "sort_history", lambda *a, **kw: sorts.append(real_sort(*a, **kw)) or sorts[-1])
+    lines = _history(10_000, seed=23)
     shuffled = lines[:]
     random.Random(5).shuffle(shuffled)
     settings = from_mapping({"kafka": {"partitions": 4}}, "<test>", env={})
@@ -47,9 +51,11 @@ def test_a_shuffled_history_gives_the_byte_identical_report(kafka, tmp_path):
         path.write_bytes(b"\n".join(order) + b"\n")
         work = tmp_path / f"work-{name}"
         work.mkdir()
-        # A small sort memory: the file is sorted in runs on disk (about a dozen), then merged.
+        # A small sort memory (a twelfth of the ~2.4 MB the records take in memory): the file is sorted
+        # in runs on disk (about a dozen), then merged.
         report = bf.run(str(path), settings, until=until, broker=kafka.bootstrap, partitions=4,
-                        workdir=str(work), sort_memory=2 * 2**20, timeout_s=300)
+                        workdir=str(work), sort_memory=200_000, timeout_s=300)
+        assert sorts[-1].runs >= 8, sorts[-1].runs  # the multi-way merge of run files really ran
         assert not [f for f in os.listdir(work) if f.startswith("sort-run-")]  # the runs are cleaned up
         ev = report["events"]
         assert ev["late"] == 0, ev

@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from kpimon.agents.tools.simulator import generate
+from kpimon.agents.tools.datasets import generate
 from kpimon.config.settings import from_mapping
 from kpimon.dashboards import queries as dq
 from kpimon.streams.events import Decoder, Rejected

@@ -19,7 +19,9 @@ import yaml
 
 from kpimon.agents.core.periods import Calendar
 from kpimon.agents.serving.snapshots import read_versions
-from kpimon.agents.tools.simulator import generate
+from kpimon.agents.tools.datasets import generate
+from kpimon.config.settings import from_mapping
+from tests.integration.conftest import Pipeline
 from tests.integration.test_pipeline import START, good_events, until_after
 from tests.reference import reference_report
 
@@ -47,12 +49,18 @@ def four(x: Fraction) -> str:
     return str((Decimal(x.numerator) / Decimal(x.denominator)).quantize(Decimal("0.0001")))
 
 
-@pytest.fixture
-def ledger_pipeline(kafka, redis_server, pipeline_factory, tmp_path):
+@pytest.fixture(scope="module")
+def ledger_pipeline(kafka, redis_server, tmp_path_factory):
+    """One run shared by this module's tests (built once: a worker, 6000 events, closed periods).
+
+    Sharing is safe in either order: the late-event test adds versions only to a day near ``until``
+    and checks that February (the period the scorecard test reads) stays at version 1.
+    """
+    tmp_path = tmp_path_factory.mktemp("ledger")
     lines = list(generate(6000, start_ms=START, seed=21, users=400))
     until = until_after(lines, days=40)
-    p0 = pipeline_factory(kafka.bootstrap)  # only for its settings (timezone, thresholds)
-    ref = reference_report(good_events(lines), p0.settings, until)
+    settings = from_mapping({}, "<test>", env={})  # the defaults a Pipeline starts from (timezone, thresholds)
+    ref = reference_report(good_events(lines), settings, until)
     feb = ref[FEB]
     orders = Fraction(feb["orders"])
     arppu = Fraction(feb["revenue"]) / feb["paying_users"]
@@ -76,14 +84,17 @@ def ledger_pipeline(kafka, redis_server, pipeline_factory, tmp_path):
     spec_path = tmp_path / "kpis.yaml"
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     prefix = f"test{os.getpid()}{int(time.time() * 1000) % 100000}:"
-    p = pipeline_factory(kafka.bootstrap, kpis=str(spec_path),
-                         redis={"url": redis_server.url, "enabled": True, "key_prefix": prefix})
-    p.produce(lines)
-    p.mark(until)
-    p.start_worker()
-    report = p.report(until)
-    p.until = until
-    return p, report, spec, feb, redis_server, prefix
+    p = Pipeline(kafka.bootstrap, str(tmp_path), kpis=str(spec_path),
+                 redis={"url": redis_server.url, "enabled": True, "key_prefix": prefix})
+    try:
+        p.produce(lines)
+        p.mark(until)
+        p.start_worker()
+        report = p.report(until)
+        p.until = until
+        yield p, report, spec, feb, redis_server, prefix
+    finally:
+        p.close()
 
 
 def _kpimon(p, *args: str) -> str:

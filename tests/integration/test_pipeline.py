@@ -12,7 +12,7 @@ from kafka import KafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from kpimon.agents.tools import backfill as bf
-from kpimon.agents.tools.simulator import generate
+from kpimon.agents.tools.datasets import generate
 from kpimon.streams import topics as wire
 from kpimon.streams.events import Decoder, Rejected
 from tests.integration.conftest import by_period
@@ -42,7 +42,7 @@ def until_after(lines: list[bytes], days: int = 0) -> int:
 
 
 def test_backfill_equals_batch_computation_from_the_definitions(kafka, tmp_path):
-    lines = list(generate(40_000, start_ms=START, seed=11, users=1500, duplicate_ratio=0.01))
+    lines = list(generate(20_000, start_ms=START, seed=11, users=750, duplicate_ratio=0.01))
     path = tmp_path / "history.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     from kpimon.config.settings import from_mapping
@@ -73,7 +73,7 @@ def _state_log_records(bootstrap: str, topic: str, partitions: int) -> int:
 
 
 def test_sigkill_mid_stream_then_restart_gives_the_identical_report(kafka, pipeline_factory):
-    lines = list(generate(150_000, start_ms=START, seed=12, users=5000, duplicate_ratio=0.005))
+    lines = list(generate(60_000, start_ms=START, seed=12, users=2000, duplicate_ratio=0.005))
     until = until_after(lines, days=100)
     p = pipeline_factory(kafka.bootstrap, worker={"batch_max_records": 300})
     p.produce(lines)

@@ -17,9 +17,10 @@ import yaml
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 
+from kpimon.agents.core.batch import Record
+from kpimon.agents.core.batch import encode as encode_record
 from kpimon.agents.runtime.ports import free_port
-from kpimon.agents.tools.simulator import generate
-from kpimon.agents.worker import statelog
+from kpimon.agents.tools.datasets import generate
 from kpimon.streams import admin
 from kpimon.streams import topics as wire
 from kpimon.streams.events import Reason
@@ -71,7 +72,7 @@ def test_a_refused_recovery_on_a_rebalance_stops_a_running_worker_with_exit_code
     first = p.start_worker()
     assert wait_healthy(p, first)["status"] == "ok"
     # State-log records written under other settings: the next recovery of either partition refuses.
-    alien = statelog.encode(statelog.Record(0, 0, None, None, [], {}, 0, 0, "fingerprint-of-other-settings"))
+    alien = encode_record(Record(0, 0, None, None, [], {}, 0, 0, "fingerprint-of-other-settings"))
     prod = KafkaProducer(bootstrap_servers=kafka.bootstrap)
     for partition in (0, 1):
         prod.send(p.topics.state_log, alien, partition=partition).get(timeout=30)

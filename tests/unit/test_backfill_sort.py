@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from kpimon.agents.cli import pipeline as cli
 from kpimon.agents.tools import backfill as bf
-from kpimon.agents.tools.simulator import generate
+from kpimon.agents.tools.datasets import generate
 from kpimon.streams.events import Decoder
 
 START = 1_704_067_200_000  # 2024-01-01T00:00:00Z

@@ -5,49 +5,19 @@ from __future__ import annotations
 import csv
 import io
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from kpimon.agents.cli import ledger as cli_ledger
 from kpimon.agents.tools import demo
-from tests.cli_support import flat, invoke, no_kpimon_environment  # noqa: F401 - the fixture is autouse
-
-
-class _KpisServer:
-    """A stand-in worker: ``GET /api/kpis`` answers a scorecard naming this server."""
-
-    def __init__(self, name: str) -> None:
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer.paths.append(self.path)
-                body = json.dumps({"as_of": name, "kpis": [], "owners": []}).encode()
-                self.send_response(200 if self.path == "/api/kpis" else 404)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.paths: list[str] = []
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from tests.cli_support import StandInWorker, flat, invoke, no_kpimon_environment  # noqa: F401 - the fixture is autouse
 
 
 @pytest.fixture
 def workers():
-    servers = {name: _KpisServer(name) for name in ("file", "env", "flag")}
+    """Three stand-in workers, each answering a scorecard that names it."""
+    servers = {name: StandInWorker(json.dumps({"as_of": name, "kpis": [], "owners": []}).encode())
+               for name in ("file", "env", "flag")}
     yield servers
     for s in servers.values():
         s.close()
@@ -75,7 +45,8 @@ def test_kpis_reports_a_bad_configuration(tmp_path):
     cfg.write_text("worker: {web_port: 6066}\n")
     result = invoke(["kpis", "--config", str(cfg)], env={"KPIMON_WEB_PORT": "abc"})
     assert result.exit_code == 2
-    assert flat(f"{cfg}: worker.web_port: Input should be a valid integer") in flat(result.output)
+    expected = f"KPIMON_WEB_PORT (overrides {cfg}: worker.web_port): Input should be a valid integer"
+    assert flat(expected) in flat(result.output)
 
 
 @pytest.fixture
@@ -107,7 +78,8 @@ def test_demo_reads_the_file_then_the_environment_then_the_flag(tmp_path, demo_c
 def test_demo_reports_a_bad_environment_as_a_configuration_error(demo_calls):
     result = invoke(["demo"], env={"KPIMON_WEB_PORT": "abc"})
     assert result.exit_code == 2
-    assert flat(f"{demo.DEMO_CONFIG}: worker.web_port: Input should be a valid integer") in flat(result.output)
+    assert flat(f"KPIMON_WEB_PORT (overrides {demo.DEMO_CONFIG}: worker.web_port): Input should be a valid integer") \
+        in flat(result.output)
     assert demo_calls == []
 
 

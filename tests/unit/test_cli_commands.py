@@ -14,8 +14,6 @@ import json
 import logging
 import socket
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -28,14 +26,15 @@ from kpimon.agents.cli import ledger as cli_ledger
 from kpimon.agents.core.ledger import Book, canonical, content_hash
 from kpimon.agents.core.metrics import PeriodMetrics
 from kpimon.agents.core.periods import Calendar
+from kpimon.agents.serving.lua import RESET
 from kpimon.agents.serving.snapshots import SnapshotStore
-from kpimon.agents.serving.writer import RESET, ServingWriter
+from kpimon.agents.serving.writer import ServingWriter
 from kpimon.agents.tools import backfill as bf
 from kpimon.agents.tools import demo
 from kpimon.agents.worker.app import kpi_evaluator
 from kpimon.config.settings import load
 from kpimon.streams import admin
-from tests.cli_support import flat, invoke, no_kpimon_environment  # noqa: F401 - the fixture is autouse
+from tests.cli_support import StandInWorker, flat, invoke, no_kpimon_environment  # noqa: F401 - the fixture is autouse
 from tests.unit.test_serving import START, zone_of
 
 CONFIG_DIR = Path(kpimon.config.__file__).resolve().parent
@@ -349,31 +348,6 @@ LIVE = {"as_of": "2024-03-14T12:00:00+00:00",
         "owners": [{"owner": "acme", "score": "1.0042", "multiplier": "1.0021"}]}
 
 
-class _Worker:
-    """A stand-in worker: ``GET /api/kpis`` answers ``status`` with ``body``."""
-
-    def __init__(self, status: int, body: bytes) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                self.send_response(status if self.path == "/api/kpis" else 404)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(autouse=True)
 def _wide_tables(monkeypatch):
     """Tables as wide as their cells (rich cuts cells to fit 80 columns)."""
@@ -382,10 +356,10 @@ def _wide_tables(monkeypatch):
 
 @pytest.fixture
 def worker_at():
-    servers: list[_Worker] = []
+    servers: list[StandInWorker] = []
 
     def start(status: int, body: bytes) -> str:
-        servers.append(_Worker(status, body))
+        servers.append(StandInWorker(body, status))
         return servers[-1].url
 
     yield start

@@ -16,7 +16,7 @@ from kpimon.agents.serving import redis_client
 from kpimon.agents.tools.backfill import BackfillError
 from kpimon.agents.tools.demo import DemoError
 from kpimon.agents.worker.app import UndecodableRecord
-from kpimon.agents.worker.statelog import StateLogError
+from kpimon.agents.worker.recovery import StateLogError
 from kpimon.backoff import Backoff
 from kpimon.config.settings import ConfigError
 from kpimon.errors import BrokerUnavailable, KpimonError, RedisUnavailable

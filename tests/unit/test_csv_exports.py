@@ -15,7 +15,8 @@ from kpimon.agents.core.periods import Calendar
 from kpimon.agents.http.api import ServingApi
 from kpimon.agents.serving import csvsafe, read
 from kpimon.agents.serving import writer as serving
-from kpimon.agents.serving.writer import RESET, ServingWriter
+from kpimon.agents.serving.lua import RESET
+from kpimon.agents.serving.writer import ServingWriter
 from kpimon.config.settings import from_mapping
 from tests.unit.test_serving import START, make_settings, zone_of
 

@@ -7,9 +7,11 @@ import datetime as dt
 import pytest
 import yaml
 
+from kpimon.agents.core.batch import Record
+from kpimon.agents.core.batch import decode as decode_record
+from kpimon.agents.core.batch import encode as encode_record
 from kpimon.agents.core.engine import EngineConfig, PartitionEngine
-from kpimon.agents.worker import statelog
-from kpimon.agents.worker.statelog import Record, Replayer, StateLogError
+from kpimon.agents.worker.recovery import Replayer, StateLogError
 from kpimon.config.settings import ConfigError, from_mapping
 from kpimon.streams.events import (
     EARLIEST_TS,
@@ -169,7 +171,7 @@ def test_the_largest_amount_survives_the_state_log_and_sums():
     ev = Decoder().decode(obj('"type2": 1, "amount": "9999999999999.99"'))
     assert ev.amount == MAX_AMOUNT_MINOR
     rec = Record(0, 1, None, None, [ev] * 3, {}, 0, 0)
-    assert statelog.decode(statelog.encode(rec)) == rec
+    assert decode_record(encode_record(rec)) == rec
     assert MAX_AMOUNT_MINOR < 2**53 and 9_000 * MAX_AMOUNT_MINOR < 2**63  # exact in doubles; sums fit int64
 
 

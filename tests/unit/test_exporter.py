@@ -8,8 +8,9 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from kpimon.agents.core.batch import Tally
 from kpimon.agents.core.engine import EngineConfig, PartitionEngine
-from kpimon.agents.metrics.exporter import KpimonMetrics, StateCollector, Tally
+from kpimon.agents.metrics.exporter import KpimonMetrics, StateCollector
 from kpimon.config.settings import from_mapping
 from kpimon.streams.events import Decoder
 
@@ -30,7 +31,8 @@ def registry():
 def test_batch_tally_lands_on_prebound_children(registry, settings):
     m = KpimonMetrics(registry, settings.event_types, settings.channels, 2)
     m.observe(Tally(types={"login": 3, "weird_type": 2}, signups={"organic": 1, "tiktok": 1}, orders=2,
-                    revenue=1999 + 1, refunds=50, invites=1, rejected={"not_json": 4}, duplicates=2, late=1))
+                    gross=1999 + 1, revenue=1999 + 1 - 50, refunds=50, invites=1, rejected={"not_json": 4},
+                    duplicates=2, late=1))
     m.observe_transitions({(0, 1): 5, (3, 0): 2})
     get = registry.get_sample_value
     assert get("kpimon_events_total", {"type": "login"}) == 3

@@ -24,9 +24,11 @@ from aiokafka.structs import ConsumerRecord
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from kpimon.agents.core.batch import Record, process_messages
+from kpimon.agents.core.batch import decode as decode_record
+from kpimon.agents.core.batch import encode as encode_record
 from kpimon.agents.core.engine import EngineConfig, PartitionEngine
-from kpimon.agents.worker import statelog
-from kpimon.agents.worker.ingest import process_messages
+from kpimon.agents.worker.recovery import Replayer
 from kpimon.streams import topics as wire
 from kpimon.streams.events import (
     EARLIEST_TS,
@@ -269,8 +271,8 @@ def strategy_test(name: str, n: int):
     def test(data: bytes) -> None:
         ev = check(data)
         if isinstance(ev, Event):  # one-event state-log record
-            rec = statelog.Record(0, 1, None, None, [ev], {}, 0, 0)
-            assert statelog.decode(statelog.encode(rec)) == rec
+            rec = Record(0, 1, None, None, [ev], {}, 0, 0)
+            assert decode_record(encode_record(rec)) == rec
 
     test.__name__ = f"test_decoder_survives_{name}"
     return test
@@ -331,9 +333,9 @@ def test_batch_path_counts_everything_and_the_state_log_round_trips(batch, size)
     assert accepted + duplicates + late + rejected == len(batch)
     assert engine.totals.accepted == accepted
     # The state log: every record encodes, decodes back equal, and replays to the same engine.
-    replay = statelog.Replayer(PartitionEngine(CFG))
+    replay = Replayer(PartitionEngine(CFG))
     for rec in records:
-        again = statelog.decode(statelog.encode(rec))
+        again = decode_record(encode_record(rec))
         assert again == rec
         assert replay.feed(again)
     assert replay.engine.wm == engine.wm

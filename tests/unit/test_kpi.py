@@ -12,22 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kpimon.agents.core.formula import FormulaError, parse_formula
-from kpimon.agents.core.kpi import (
-    DEFAULT_CURVE,
-    Curve,
-    KpiResult,
-    attainment,
-    evaluate_kpi,
-    expected_progress,
-    fmt,
-    kpi_actual,
-    payout,
-    score_owner,
-    status_for,
-    suggest_target,
-)
+from kpimon.agents.core.kpi import KpiResult, evaluate_kpi, expected_progress, kpi_actual
+from kpimon.agents.core.kpi_scoring import DEFAULT_CURVE, Curve, attainment, fmt, payout, status_for
+from kpimon.agents.core.kpi_targets import suggest_target
+from kpimon.agents.core.owner_scores import score_owner
 from kpimon.agents.core.periods import Calendar
-from kpimon.config.kpis import DEFAULT_KPIS_PATH, Holding, Owner, Profile, from_mapping, load_kpis
+from kpimon.config.kpi_loading import DEFAULT_KPIS_PATH, from_mapping, load_kpis
+from kpimon.config.kpis import Holding, Owner, Profile
 from kpimon.config.settings import ConfigError
 
 CAL = Calendar("UTC")
@@ -87,7 +78,7 @@ def test_formula_evaluation(text, prev, expected):
     f = parse_formula(text)
 
     def resolve(name):
-        from kpimon.agents.core.kpi import lookup
+        from kpimon.agents.core.kpi_metrics import lookup
         if name.startswith("prev."):
             return None if prev is None else lookup(prev, name[5:])
         return lookup(M, name)
@@ -135,16 +126,16 @@ def test_formula_refuses_other_syntax(text, fault):
 
 
 def test_linear_formulas_are_detected():
-    from kpimon.agents.core.kpi import _is_additive
-    assert parse_formula("revenue - refunds").is_linear(_is_additive)
-    assert parse_formula("2 * orders / 4").is_linear(_is_additive)
-    assert not parse_formula("revenue / active_users").is_linear(_is_additive)
-    assert not parse_formula("orders + 1").is_linear(_is_additive)
-    assert not parse_formula("orders - prev.orders").is_linear(_is_additive)
+    from kpimon.agents.core.kpi_metrics import is_additive
+    assert parse_formula("revenue - refunds").is_linear(is_additive)
+    assert parse_formula("2 * orders / 4").is_linear(is_additive)
+    assert not parse_formula("revenue / active_users").is_linear(is_additive)
+    assert not parse_formula("orders + 1").is_linear(is_additive)
+    assert not parse_formula("orders - prev.orders").is_linear(is_additive)
     prev_is_fixed = lambda name: name.startswith("prev.")  # noqa: E731 - known for the whole period
-    assert parse_formula("churned / prev.population.active").is_linear(_is_additive, prev_is_fixed)
-    assert not parse_formula("orders - prev.orders").is_linear(_is_additive, prev_is_fixed)
-    assert not parse_formula("prev.orders / orders").is_linear(_is_additive, prev_is_fixed)
+    assert parse_formula("churned / prev.population.active").is_linear(is_additive, prev_is_fixed)
+    assert not parse_formula("orders - prev.orders").is_linear(is_additive, prev_is_fixed)
+    assert not parse_formula("prev.orders / orders").is_linear(is_additive, prev_is_fixed)
 
 
 # --------------------------------------------------------------------------- spec helpers

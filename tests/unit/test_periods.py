@@ -1,4 +1,5 @@
-"""Tests for agents.core.periods: calendar periods in IANA timezones and durations."""
+"""Tests for agents.core.periods, agents.core.grains and agents.core.durations: calendar periods in IANA
+timezones, grains and period labels, and durations."""
 
 from __future__ import annotations
 
@@ -13,16 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kpimon.agents.core.durations as durations_mod
+import kpimon.agents.core.grains as grains_mod
 import kpimon.agents.core.periods as periods_mod
-from kpimon.agents.core.periods import (
-    GRAINS,
-    Calendar,
-    Grain,
-    Period,
-    format_duration,
-    get_calendar,
-    parse_duration,
-)
+from kpimon.agents.core.durations import format_duration, parse_duration
+from kpimon.agents.core.grains import GRAINS, Grain, Period
+from kpimon.agents.core.periods import Calendar, get_calendar
 
 D, W, M, Q, Y = Grain.DAY, Grain.WEEK, Grain.MONTH, Grain.QUARTER, Grain.YEAR
 HOUR = 3_600_000
@@ -63,15 +60,18 @@ def test_period_contains_is_half_open():
         p.start_ms = 5  # type: ignore[misc]
 
 
-def test_module_imports_only_stdlib():
-    tree = ast.parse(Path(periods_mod.__file__).read_text())
+@pytest.mark.parametrize("mod", [periods_mod, grains_mod, durations_mod], ids=lambda m: m.__name__)
+def test_module_imports_only_stdlib(mod):
+    """Standard library only; periods may import grains, its sibling (itself standard library only)."""
+    tree = ast.parse(Path(mod.__file__).read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            imported.add(node.module.split(".")[0])
-    assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+            imported.add(grains_mod.__name__ if node.module == grains_mod.__name__ else node.module.split(".")[0])
+    allowed = set(sys.stdlib_module_names) | ({grains_mod.__name__} if mod is periods_mod else set())
+    assert imported <= allowed, imported - allowed
 
 
 # --------------------------------------------------------------------------- #
@@ -481,11 +481,11 @@ def test_iso(tz, ts, expected):
 
 def test_out_of_range_timestamps_raise():
     c = cal("UTC")
-    for bad in (periods_mod.MAX_TS_MS, periods_mod.MIN_TS_MS - 1, 10**18):
+    for bad in (grains_mod.MAX_TS_MS, grains_mod.MIN_TS_MS - 1, 10**18):
         with pytest.raises(ValueError, match="outside the supported range"):
             c.period_at(bad, D)
-    assert c.period_at(periods_mod.MAX_TS_MS - 1, Y).label == "9997"
-    assert c.period_at(periods_mod.MIN_TS_MS, Y).label == "0003"
+    assert c.period_at(grains_mod.MAX_TS_MS - 1, Y).label == "9997"
+    assert c.period_at(grains_mod.MIN_TS_MS, Y).label == "0003"
 
 
 def test_float_timestamps_floor():

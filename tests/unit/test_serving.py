@@ -14,15 +14,18 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
+from kpimon.agents.core.batch import Record
+from kpimon.agents.core.batch import decode as decode_record
 from kpimon.agents.core.engine import WINDOWS, EngineConfig, PartitionEngine
 from kpimon.agents.core.lifecycle import STATES, Ladder, Thresholds
 from kpimon.agents.core.periods import Calendar
 from kpimon.agents.http.api import ServingApi
-from kpimon.agents.serving import read
+from kpimon.agents.serving import lua, read
 from kpimon.agents.serving import writer as serving
-from kpimon.agents.serving.writer import RESET, Recovery, ServingWriter, Update
-from kpimon.agents.tools.simulator import generate
-from kpimon.agents.worker import statelog
+from kpimon.agents.serving.lua import RESET
+from kpimon.agents.serving.writer import ServingWriter, Update
+from kpimon.agents.tools.datasets import generate
+from kpimon.agents.worker.recovery import Replayer, ServingRecovery
 from kpimon.config.settings import ConfigError, from_mapping
 from kpimon.streams.events import Decoder, Rejected
 from kpimon.streams.topics import Topics
@@ -229,7 +232,7 @@ async def test_chunks_are_idempotent_and_an_older_update_cannot_overwrite_a_chun
     calls = w._calls(0, upd)
     assert [c[4] for c in calls] == [0, 0, 0, 1]  # only the last call sets the offset
     # A writer dies after the first chunk: its users are ahead of the offset, "in progress" marks the end.
-    await client.eval(serving.APPLY_LUA, 2, w.offsets_key, w.progress_key, *calls[0])
+    await client.eval(lua.APPLY_LUA, 2, w.offsets_key, w.progress_key, *calls[0])
     assert await client.hget(w.progress_key, "0") == b"20"
     assert await client.hget(w.offsets_key, "0") == b"10"
     # An older writer's update of the same range prefix must not overwrite the newer values.
@@ -344,7 +347,7 @@ async def test_the_engine_feed_and_a_crash_recovery_give_the_plain_computation(r
         accepted_all.extend(accepted)
         marker = None if i + 700 < len(events) else events[-1].ts + DAY
         engine.advance(marker=marker)
-        rec = statelog.Record(pos, pos + len(chunk), None, marker, accepted, {}, 0, 0, cfg.fingerprint)
+        rec = Record(pos, pos + len(chunk), None, marker, accepted, {}, 0, 0, cfg.fingerprint)
         records.append(rec)  # at state-log offset len(records) - 1: updates are ranges of state-log positions
         w.submit(0, len(records) - 1, len(records), engine.take_touched())
         pos = rec.end
@@ -358,9 +361,9 @@ async def test_the_engine_feed_and_a_crash_recovery_give_the_plain_computation(r
     # The next owner replays the state log with tracking from the stored position on.
     w2 = ServingWriter(s, chunk_users=50)
     w2.start()
-    rec2 = Recovery(w2, [0], await w2.read_offsets([0]))
+    rec2 = ServingRecovery(w2, [0], await w2.read_offsets([0]))
     fresh = PartitionEngine(cfg)
-    rp = statelog.Replayer(fresh, 0)
+    rp = Replayer(fresh, 0)
     for offset, record in enumerate(records):
         rec2.before(0, record, fresh, offset)
         if rp.feed(record):
@@ -393,10 +396,10 @@ async def test_recovery_without_redis_collects_every_user(redis_server):
     w.start()
     known = await w.read_offsets([0])
     assert known is None
-    rec = Recovery(w, [0], known)
+    rec = ServingRecovery(w, [0], known)
     engine = PartitionEngine(cfg)
-    rp = statelog.Replayer(engine, 0)
-    record = statelog.Record(0, 2000, None, events[-1].ts, events, {}, 0, 0, cfg.fingerprint)
+    rp = Replayer(engine, 0)
+    record = Record(0, 2000, None, events[-1].ts, events, {}, 0, 0, cfg.fingerprint)
     rec.before(0, record, engine, 0)
     rp.feed(record)
     rec.applied(0, record)
@@ -471,7 +474,7 @@ def _live_service(settings, producer: _FakeProducer, registry=None):
     async def read_log(partitions):
         for p in partitions:
             for offset, value in enumerate(producer.log.get(p, [])):
-                yield p, offset, statelog.decode(value)
+                yield p, offset, decode_record(value)
 
     svc.read_log = read_log
     return svc
@@ -536,7 +539,7 @@ async def test_users_applied_on_idle_ticks_reach_redis_and_a_restart_rebuilds_th
     await poll({})  # another tick at the same source offset: everyone turns silent
     await redis_matches(engine)
     assert {u for u in await members(client, s, "silent")} == {f"u{i:02d}" for i in range(12)}
-    assert all(statelog.decode(v).start == statelog.decode(v).end == 24 for v in producer.log[0][2:])
+    assert all(decode_record(v).start == decode_record(v).end == 24 for v in producer.log[0][2:])
     assert registry.get_sample_value("kpimon_serving_writes_total", {"result": "repeat"}) == 0
 
     # The same update delivered twice: the second is a repeat and changes nothing.

@@ -63,6 +63,15 @@ def test_environment_overrides_connection_settings(tmp_path):
     assert s.worker.web_port == 7000
 
 
+def test_a_bad_environment_override_names_the_variable_not_the_file(tmp_path):
+    path = tmp_path / "kpimon.yaml"
+    path.write_text("worker: {web_port: 6066}\n")
+    with pytest.raises(ConfigError) as err:
+        load(path, env={"KPIMON_WEB_PORT": "sixty"})
+    assert str(err.value).startswith(f"KPIMON_WEB_PORT (overrides {path}: worker.web_port): ")
+    assert "valid integer" in str(err.value)
+
+
 def _refused(tmp_path, yaml_text, env=None) -> str:
     path = tmp_path / "kpimon.yaml"
     path.write_text(yaml_text)
@@ -163,4 +172,4 @@ def test_broker_lists_are_stored_in_one_form(tmp_path, broker, canonical, bootst
 
 def test_a_bad_broker_from_the_environment_is_refused(tmp_path):
     message = _refused(tmp_path, "", env={"KPIMON_BROKER": "localhost:9092"})
-    assert message.startswith("kpimon.yaml: kafka.broker: 'localhost:9092': no scheme")
+    assert message.startswith("KPIMON_BROKER (overrides kpimon.yaml: kafka.broker): 'localhost:9092': no scheme")

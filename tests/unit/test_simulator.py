@@ -1,4 +1,4 @@
-"""Tests for agents.simulator: determinism, event mix, lifecycle, bad lines, speed."""
+"""Tests for agents.tools.simulator and agents.tools.datasets: determinism, event mix, lifecycle, bad lines, speed."""
 
 from __future__ import annotations
 
@@ -13,18 +13,16 @@ import pytest
 
 from kpimon.agents.core.engine import ACCEPTED, DUPLICATE, EngineConfig, PartitionEngine
 from kpimon.agents.core.lifecycle import ACTIVE, CHURNED, DEAD, SILENT, SLEEPING
-from kpimon.agents.tools.simulator import (
+from kpimon.agents.tools.datasets import (
     BAD_KINDS,
-    DAY_MS,
     DEFAULT_START_MS,
     MAX_DISORDER_MS,
-    Simulator,
     bad_line,
     default_users,
     generate,
-    time_scale_for,
     write_dataset,
 )
+from kpimon.agents.tools.simulator import DAY_MS, Simulator, time_scale_for
 from kpimon.config.settings import load
 from kpimon.streams.admin import read_lines
 from kpimon.streams.events import Decoder, Rejected

@@ -1,0 +1,114 @@
+"""The metric catalogue KPIs are written against.  Pure.
+
+This module owns the names of the numbers in a per-period metrics dict
+(:meth:`agents.core.metrics.PeriodMetrics.result`): the scalar, nested and
+per-channel metric paths, which of them are money and which add up over time
+(and so project linearly), the check that a name used in a KPI spec is a known
+metric (:func:`metric_name_problem`, used by :mod:`config.kpi_loading`), and
+the exact look-up of a metric path in a metrics dict (:func:`lookup`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
+from typing import Any
+
+from kpimon.agents.core.formula import PREV, to_fraction
+from kpimon.agents.core.lifecycle import STATES
+
+__all__ = [
+    "ADDITIVE_METRICS",
+    "CHANNEL_SPLIT",
+    "MONEY_METRICS",
+    "NESTED_METRICS",
+    "RESERVED_CHANNELS",
+    "SCALAR_METRICS",
+    "is_additive",
+    "lookup",
+    "metric_name_problem",
+]
+
+#: Top-level numbers of ``PeriodMetrics.result()``.
+SCALAR_METRICS: tuple[str, ...] = (
+    "new_users", "active_users", "orders", "paying_users", "revenue", "refunds", "invites",
+    "referred_signups", "entered_silent", "entered_sleeping", "entered_churned", "entered_dead",
+    "churn_warnings", "churned", "won_back",
+)
+#: Nested numbers: ``<group>.<key>``.
+NESTED_METRICS: dict[str, tuple[str, ...]] = {
+    "population": tuple(STATES),
+    "won_back_by_depth": ("churned", "dead"),
+}
+#: Metrics that are split by acquisition channel, and where the split lives.
+CHANNEL_SPLIT: dict[str, str] = {"new_users": "new_users_by_channel"}
+#: Flows that add up over time (a month is the sum of its days): projected linearly.
+ADDITIVE_METRICS: frozenset[str] = frozenset({
+    "new_users", "orders", "revenue", "refunds", "invites", "referred_signups", "entered_silent",
+    "entered_sleeping", "entered_churned", "entered_dead", "churn_warnings", "churned", "won_back",
+    "won_back_by_depth.churned", "won_back_by_depth.dead",
+})
+#: Money amounts (decimal strings in the metrics dict).
+MONEY_METRICS: frozenset[str] = frozenset({"revenue", "refunds"})
+RESERVED_CHANNELS = ("other", "unknown")
+
+
+def _metric_list() -> str:
+    nested = [f"{g}.<{'|'.join(keys)}>" for g, keys in NESTED_METRICS.items()]
+    split = [f"{v}.<channel>" for v in CHANNEL_SPLIT.values()]
+    return ", ".join([*SCALAR_METRICS, *nested, *split])
+
+
+def metric_name_problem(name: str, channels: Sequence[str] | None = None, *, allow_prev: bool = True) -> str | None:
+    """``None`` if ``name`` is a known metric path (optionally ``prev.``-prefixed), else the fault.
+
+    ``channels``: the allowed channel labels (``Settings.channels``); ``other`` and
+    ``unknown`` are always allowed.  ``None`` accepts any channel label.
+    """
+    path = name
+    if path.startswith(PREV):
+        if not allow_prev:
+            return f"{name!r}: prev. is only allowed in a formula"
+        path = path[len(PREV):]
+        if path.startswith(PREV):
+            return f"{name!r}: prev. can only be used once"
+    if path in SCALAR_METRICS:
+        return None
+    group, _, key = path.partition(".")
+    if group in NESTED_METRICS and key:
+        if key in NESTED_METRICS[group]:
+            return None
+        return f"unknown metric {name!r}: {group} has {', '.join(NESTED_METRICS[group])}"
+    if group in CHANNEL_SPLIT.values() and key:
+        if "." in key:
+            return f"unknown metric {name!r}"
+        if channels is not None and key not in channels and key not in RESERVED_CHANNELS:
+            return f"unknown channel {key!r} in {name!r} (channels: {', '.join([*channels, *RESERVED_CHANNELS])})"
+        return None
+    return f"unknown metric {name!r} (metrics: {_metric_list()})"
+
+
+def is_additive(name: str) -> bool:
+    if name.startswith(PREV):
+        return False
+    return name in ADDITIVE_METRICS or name.split(".", 1)[0] in CHANNEL_SPLIT.values()
+
+
+def lookup(metrics: Mapping[str, Any], path: str) -> Fraction:
+    """The exact value of a metric path in a ``PeriodMetrics.result()`` dict.
+
+    A channel missing from ``new_users_by_channel`` is 0 (the report omits zeros).
+    A missing key elsewhere raises ``KeyError`` naming the path.
+    """
+    group, _, key = path.partition(".")
+    if key and group in CHANNEL_SPLIT.values():
+        value = metrics.get(group, {}).get(key, 0)
+    else:
+        try:
+            value = metrics[group]
+            if key:
+                value = value[key]
+        except (KeyError, TypeError):
+            raise KeyError(f"metric {path!r} is missing from the metrics dict") from None
+    return to_fraction(value, path)
+
