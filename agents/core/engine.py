@@ -21,11 +21,11 @@ replaying those records rebuilds the same state after a crash.
 from __future__ import annotations
 
 import hashlib
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from heapq import heappop, heappush
 
+from kpimon.agents.core.dedup import DedupStore, MemoryDedup
 from kpimon.agents.core.effects import EFFECTS, add_flows, net_revenue
 from kpimon.agents.core.grains import GRAINS, Period
 from kpimon.agents.core.lifecycle import ACTIVE, CHURNED, DEAD, STATES, Ladder, Thresholds
@@ -39,7 +39,6 @@ WINDOWS = (DAY, 7 * DAY, 30 * DAY)
 WINDOW_NAMES = ("1d", "7d", "30d")
 
 ACCEPTED, DUPLICATE, LATE = 0, 1, 2
-DEDUP_SHARDS = 64  # a power of two
 
 # A user's state is one int: bits 0-41 the last activity (epoch ms, until 2109), bit 42
 # "first signup applied", bits 43+ the minute of the last purchase + 1 (0: never).
@@ -93,7 +92,7 @@ class Totals:
 
 
 class PartitionEngine:
-    def __init__(self, cfg: EngineConfig) -> None:
+    def __init__(self, cfg: EngineConfig, dedup: DedupStore | None = None) -> None:
         self.cfg = cfg
         self.cal = cfg.calendar
         self.th = cfg.thresholds
@@ -105,11 +104,9 @@ class PartitionEngine:
         # The reorder buffer: a heap of (ts, event_id, event), so that releasing what the
         # watermark passed costs O(log n) per event, however much lateness buffers.
         self.buffer: list[tuple[int, str, Event]] = []
-        # event_id -> ts, sharded: one dict of tens of millions of ids would stall the
-        # worker for seconds whenever it resizes; 64 shards resize 64 times less at once.
-        self._dedup: list[dict[str, int]] = [{} for _ in range(DEDUP_SHARDS)]
-        self._dedup_ts: deque[int] = deque()  # the same, for expiry
-        self._dedup_ids: deque[str] = deque()
+        # Accepted event ids within the dedup horizon (agents/core/dedup.py): in memory by default,
+        # on disk in the worker (agents/worker/dedup_store.py).
+        self.dedup_store: DedupStore = dedup if dedup is not None else MemoryDedup(cfg.dedup_horizon)
         # Per-user state, kept small (docs/performance.md): every user is in exactly one
         # zone, zones[k]: user_id -> one packed int (see LAST), in order of last activity
         # (plain dicts keep insertion order; deletions leave holes that _compact removes).
@@ -145,29 +142,27 @@ class PartitionEngine:
         each accepted event raises the watermark for the ones after it.
         ``check=False`` takes events already known to be acceptable (replay).
         """
-        shards = self._dedup
-        mask = DEDUP_SHARDS - 1
-        q_ts, q_ids = self._dedup_ts, self._dedup_ids
+        store = self.dedup_store
         lateness = self.lateness
         wm, max_ts = self.wm, self.max_ts
         accepted: list[Event] = []
         late: list[int] = []
         dups = 0
         first = self.cursor is None
+        if check:
+            hits = store.seen([ev.event_id for ev in events])  # one batch of lookups
+            taken: set[str] = set()  # ids accepted earlier in this batch
         for i, ev in enumerate(events):
-            eid = ev.event_id
             ts = ev.ts
-            dedup = shards[hash(eid) & mask]
             if check:
-                if eid in dedup:
+                eid = ev.event_id
+                if hits[i] or eid in taken:
                     dups += 1
                     continue
                 if ts < wm:
                     late.append(i)
                     continue
-            dedup[eid] = ts
-            q_ts.append(ts)
-            q_ids.append(eid)
+                taken.add(eid)
             accepted.append(ev)
             if ts > max_ts:
                 max_ts = ts
@@ -177,6 +172,8 @@ class PartitionEngine:
                 first = False
                 self.cursor = wm
                 self._open_periods(wm)
+        if accepted:
+            store.add([ev.event_id for ev in accepted], [ev.ts for ev in accepted])
         self.wm, self.max_ts = wm, max_ts
         buf = self.buffer
         for ev in accepted:
@@ -199,31 +196,17 @@ class PartitionEngine:
             self.wm = marker
         if self.cursor is not None and self.cursor < self.wm:
             self._process_until(self.wm)
-        self._expire_dedup()
+        self.dedup_store.expire(self.wm)
 
     # -------------------------------------------------------------- internals
     def _open_periods(self, instant: int) -> None:
         self._periods = list(self.cal.periods_at(instant))
         self._accs = [PeriodMetrics() for _ in self._periods]
 
-    def _expire_dedup(self) -> None:
-        horizon = self.wm - self.cfg.dedup_horizon
-        q_ts, q_ids, shards = self._dedup_ts, self._dedup_ids, self._dedup
-        mask = DEDUP_SHARDS - 1
-        while q_ts and q_ts[0] < horizon:
-            ts = q_ts.popleft()
-            eid = q_ids.popleft()
-            d = shards[hash(eid) & mask]
-            if d.get(eid) == ts:
-                del d[eid]
-
     @property
     def dedup(self) -> dict[str, int]:
-        """Every remembered event_id and its ts (a merged copy; for tests and tools)."""
-        out: dict[str, int] = {}
-        for shard in self._dedup:
-            out.update(shard)
-        return out
+        """Every remembered event_id and its bucket (a copy; for tests and tools, in-memory stores only)."""
+        return dict(self.dedup_store.items())  # type: ignore[attr-defined]
 
     def _process_until(self, target: int) -> None:
         buf = self.buffer
