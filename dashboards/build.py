@@ -4,7 +4,7 @@ One typed function per dashboard returns its builder; ``python -m dashboards.bui
 renders them to ``dashboards/generated/<uid>.json``, which is committed and
 provisioned into Grafana (``dashboards/provisioning/``, docs/dashboards.md).
 ``python -m dashboards.build --check`` exits 1 when a committed file is stale;
-tests/unit/test_dashboards.py runs the same check.
+tests/unit/dashboards/test_dashboards.py runs the same check.
 
 Queries follow docs/metrics.md section 7: counters and state gauges are summed
 over workers (``sum by (...)``), the watermark takes the ``min``, and the live

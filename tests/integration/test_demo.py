@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 def test_demo_runs_and_its_figures_move() -> None:
     port = free_port()
     out = io.StringIO()
-    figures = run_demo(None, duration=25, rate=300, users=300, web_port=port, console=Console(file=out, width=160))
+    # 15 s at 500 events/s: as many events (and ~0.5 % bad lines) as 25 s at 300/s, 10 s sooner.
+    figures = run_demo(None, duration=15, rate=500, users=300, web_port=port, console=Console(file=out, width=160))
     text = out.getvalue()
     assert f"http://127.0.0.1:{port}/metrics" in text
     assert figures["scraped"], text

@@ -15,7 +15,7 @@ from pathlib import Path
 import kpimon.agents.core
 
 FORBIDDEN = ("faust", "prometheus_client", "aiokafka")
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def core_modules() -> list[str]:

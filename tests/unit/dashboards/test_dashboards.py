@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from kpimon.dashboards import build
 from kpimon.dashboards import queries as dq
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 RULES_DIR = ROOT / "deploy" / "rules"
 # What Grafana substitutes; any value works for these offline checks.
 SAMPLE_VALUES = {"__rate_interval": "1m", "kpi": "revenue|new_users", "grain": "month",
@@ -145,7 +145,7 @@ def test_the_names_found_in_the_source_are_the_registered_ones(exported):
         found |= set(literal.findall(path.read_text(encoding="utf-8")))
     assert {"kpimon_events", "kpimon_serving_up", "kpimon_lifecycle_users"} <= found
     missing = found - families - selectable
-    assert not missing, f"metrics in agents/ that tests/unit/test_dashboards.py does not register: {missing}"
+    assert not missing, f"metrics in agents/ that tests/unit/dashboards/test_dashboards.py does not register: {missing}"
 
 
 def test_every_exported_metric_family_is_on_a_dashboard(exported):

@@ -18,7 +18,7 @@ from kpimon.agents.serving import writer as serving
 from kpimon.agents.serving.lua import RESET
 from kpimon.agents.serving.writer import ServingWriter
 from kpimon.config.settings import from_mapping
-from tests.unit.test_serving import START, make_settings, zone_of
+from tests.serving_support import START, make_settings, zone_of
 
 HYPERLINK = '=HYPERLINK("http://x","y")'
 

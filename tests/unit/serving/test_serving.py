@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry
 
 from kpimon.agents.core.batch import Record
 from kpimon.agents.core.batch import decode as decode_record
-from kpimon.agents.core.engine import WINDOWS, EngineConfig, PartitionEngine
-from kpimon.agents.core.lifecycle import STATES, Ladder, Thresholds
+from kpimon.agents.core.engine import EngineConfig, PartitionEngine
+from kpimon.agents.core.lifecycle import STATES
 from kpimon.agents.core.periods import Calendar
 from kpimon.agents.http.api import ServingApi
 from kpimon.agents.serving import lua, read
@@ -31,23 +31,9 @@ from kpimon.streams.events import Decoder, Rejected
 from kpimon.streams.topics import Topics
 from tests.launchers import RedisServer
 from tests.serving_reference import expected_users
+from tests.serving_support import START, make_settings, zone_of
 
 DAY = 86_400_000
-START = 1_704_067_200_000  # 2024-01-01T00:00:00Z
-
-
-def make_settings(url: str, **extra) -> object:
-    data = {"redis": {"url": url, "key_prefix": f"t{uuid.uuid4().hex[:8]}:"},
-            "kafka": {"topic_prefix": "serving-test."}}
-    data.update(extra)
-    return from_mapping(data, "<test>", env={})
-
-
-def zone_of(settings, state: str) -> int:
-    ladder = Ladder.build(Thresholds(*settings.lifecycle.thresholds), WINDOWS)
-    return ladder.state.index(STATES.index(state))
-
-
 @pytest_asyncio.fixture(loop_scope="function")
 async def client(redis_server):
     c = serving.connect(redis_server.url)

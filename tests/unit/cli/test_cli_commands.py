@@ -35,7 +35,7 @@ from kpimon.agents.worker.app import kpi_evaluator
 from kpimon.config.settings import load
 from kpimon.streams import admin
 from tests.cli_support import StandInWorker, flat, invoke, no_kpimon_environment  # noqa: F401 - the fixture is autouse
-from tests.unit.test_serving import START, zone_of
+from tests.serving_support import START, zone_of
 
 CONFIG_DIR = Path(kpimon.config.__file__).resolve().parent
 JAN1 = 1_704_067_200_000

@@ -25,7 +25,7 @@ from kpimon.streams.admin import TopicMismatch
 from kpimon.streams.events import Rejected
 from tests.cli_support import invoke, no_kpimon_environment  # noqa: F401 - the fixture is autouse
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 
