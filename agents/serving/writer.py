@@ -100,15 +100,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 
-from kpimon.agents.core.effects import net_revenue
 from kpimon.agents.core.engine import WINDOWS
 from kpimon.agents.core.lifecycle import STATES, Ladder, Thresholds
 from kpimon.agents.serving import redis_client
 from kpimon.agents.serving.lua import APPLY_LUA, APPLY_SHA, RESET
+from kpimon.agents.serving.updates import LogSource, Update, Users
 from kpimon.backoff import Backoff
 from kpimon.streams.events import format_money
 from kpimon.streams.topics import Topics
@@ -119,10 +119,6 @@ _msgpack = msgspec.msgpack.Encoder()
 CHUNK_USERS = 5000  # users per script call; a call runs atomically in Redis, so this bounds its pause
 CALLS_PER_TRIP = 8  # script calls per pipeline: a large backlog is written in several round trips
 
-# user_id -> (state index, last activity, signup ts | None, channel | None, lifetime revenue minor units)
-Users = dict[str, tuple[int, int, "int | None", "str | None", int]]
-
-
 def connect(url: str, timeout: float = redis_client.TIMEOUT_S) -> Any:
     """A ``redis.asyncio.Redis`` that fails fast: no client-side retries (the writer has its own)."""
     return redis_client.client(url, asyncio=True, timeout=timeout)
@@ -130,52 +126,6 @@ def connect(url: str, timeout: float = redis_client.TIMEOUT_S) -> Any:
 
 def redis_errors() -> tuple[type[BaseException], ...]:
     return redis_client.errors()
-
-
-class Update:
-    """Every user a range ``[start, end)`` of one partition's state log changed, with values as of ``end``."""
-
-    __slots__ = ("start", "end", "users")
-
-    def __init__(self, start: int, end: int, users: Users) -> None:
-        self.start = start
-        self.end = end
-        self.users = users
-
-    def absorb(self, later: Update) -> None:
-        """Merge the next update of the chain (``later.start == self.end``) into this one."""
-        users = self.users
-        for uid, v in later.users.items():
-            if v[2] is None:
-                old = users.get(uid)
-                if old is not None and old[2] is not None:  # the first signup is kept once seen
-                    v = (v[0], v[1], old[2], old[3], v[4])
-            users[uid] = v
-        self.end = later.end
-
-    def __repr__(self) -> str:
-        return f"Update({self.start}, {self.end}, {len(self.users)} users)"
-
-
-def add_revenue(acc: dict[str, int], events: Iterable[Any], sign: int = 1) -> None:
-    """Add the purchase minus refund amounts of ``events`` per user (minor units)."""
-    for ev in events:
-        net = net_revenue(ev.code, ev.amount)  # agents/core/effects.py
-        if net:
-            acc[ev.user_id] = acc.get(ev.user_id, 0) + sign * net
-
-
-class LogSource(Protocol):
-    """What the writer needs from the worker that owns the partitions: the seam between serving and ingest."""
-
-    def owns(self, partition: int) -> bool:
-        """Whether the worker currently owns ``partition`` of the input."""
-        ...
-
-    async def replay_users(self, partition: int) -> tuple[dict[str, list], dict[str, int], int]:
-        """Every user of ``partition`` from a fresh replay of the state log: (touched users, lifetime net
-        revenue, state-log position reached); see agents/worker/recovery.py ``replay_users``."""
-        ...
 
 
 class ServingWriter:
@@ -584,6 +534,5 @@ class ServingWriter:
 __all__ = [
     "CHUNK_USERS",
     "ServingWriter",
-    "Update",
     "connect",
 ]

@@ -23,7 +23,8 @@ from kpimon.agents.http.api import ServingApi
 from kpimon.agents.serving import lua, read
 from kpimon.agents.serving import writer as serving
 from kpimon.agents.serving.lua import RESET
-from kpimon.agents.serving.writer import ServingWriter, Update
+from kpimon.agents.serving.updates import Update
+from kpimon.agents.serving.writer import ServingWriter
 from kpimon.agents.tools.datasets import generate
 from kpimon.agents.worker.recovery import Replayer, ServingRecovery
 from kpimon.config.settings import ConfigError, from_mapping
