@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from kpimon.agents.core.batch import Record, apply, decode
 from kpimon.agents.core.engine import Closed, EngineConfig, PartitionEngine
 from kpimon.agents.serving.lua import FORCE, RESET
-from kpimon.agents.serving.writer import ServingWriter, add_revenue
+from kpimon.agents.serving.updates import add_revenue
+from kpimon.agents.serving.writer import ServingWriter
 from kpimon.errors import KpimonError
 
 log = logging.getLogger("kpimon.recovery")
