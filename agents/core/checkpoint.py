@@ -1,0 +1,153 @@
+"""Checkpoints of one partition's engine: the whole state as bytes, verified before it is trusted.  Pure.
+
+A checkpoint lets recovery start from a recent state and replay only the
+state-log tail after it, instead of the whole history (Kafka Streams'
+changelog-plus-local-store and Flink's checkpoints are the models).  It holds:
+
+* ``position``: the state-log position it covers (the offset after the last
+  record applied), so recovery replays the records from there;
+* ``source_offset``: the input offset those records reached (the consumer seeks
+  there if the tail is empty);
+* ``fingerprint``: the settings the state was computed under
+  (``EngineConfig.fingerprint``); a checkpoint under other settings is refused;
+* the engine state: watermark, cursor, open periods and their numbers, every
+  user's packed state in zone order, the reorder buffer, the totals.
+
+The dedup store is not in it: it lives on local disk and records its own
+position (agents/core/dedup.py, agents/worker/dedup_store.py).
+
+:func:`encode` appends a SHA-256 of the body; :func:`decode` refuses bytes
+whose hash, format version or structure do not check out
+(:class:`CheckpointError`), so a torn or corrupted checkpoint is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from heapq import heapify
+
+import msgspec
+
+from kpimon.agents.core.dedup import DedupStore
+from kpimon.agents.core.engine import PURCHASE_SHIFT, Closed, EngineConfig, PartitionEngine, Totals
+from kpimon.agents.core.grains import GRAINS
+from kpimon.agents.core.metrics import PeriodMetrics
+from kpimon.errors import KpimonError
+from kpimon.streams.events import Event
+
+FORMAT = 1
+_DIGEST = 32  # SHA-256
+_LOW = (1 << PURCHASE_SHIFT) - 1
+
+
+class CheckpointError(KpimonError):
+    """Bytes that are not a complete, intact checkpoint of this format."""
+
+
+class EngineState(msgspec.Struct, array_like=True, gc=False):
+    max_ts: int
+    wm: int
+    cursor: int | None
+    period_starts: list[int]  # the open period of each grain (by its start instant), [] before any event
+    accs: list[dict]  # their numbers (PeriodMetrics.to_wire)
+    # Per zone, in zone order: user ids, and their packed states split at PURCHASE_SHIFT (a packed state
+    # can exceed 64 bits, msgpack's limit): the low bits (last activity, signed up) and the purchase minute.
+    zones: list[tuple[list[str], list[int], list[int]]]
+    buffer: list[Event]  # accepted, not applied yet, in (ts, event_id) order
+    totals: tuple[int, int, int, dict[str, int]]  # accepted, duplicates, late, rejected by reason
+    outbox: list[tuple[int, int, dict]]  # closed and not taken yet: (grain index, period start, numbers)
+
+
+class Checkpoint(msgspec.Struct, array_like=True, gc=False):
+    format: int
+    partition: int
+    position: int  # state-log position covered: the offset after the last record applied
+    source_offset: int | None  # the input offset the applied records reached
+    fingerprint: str
+    engine: EngineState
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Checkpoint)
+
+
+def capture(engine: PartitionEngine) -> EngineState:
+    """The engine's durable state (not the exporter's transitions, nor the serving layer's tracking)."""
+    t = engine.totals
+    return EngineState(
+        max_ts=engine.max_ts,
+        wm=engine.wm,
+        cursor=engine.cursor,
+        period_starts=[p.start_ms for p in engine._periods],
+        accs=[acc.to_wire() for acc in engine._accs],
+        zones=[(list(z), [v & _LOW for v in z.values()], [v >> PURCHASE_SHIFT for v in z.values()])
+               for z in engine.zones],
+        buffer=[item[2] for item in sorted(engine.buffer, key=lambda item: (item[0], item[1]))],
+        totals=(t.accepted, t.duplicates, t.late, dict(t.rejected)),
+        outbox=[(GRAINS.index(c.period.grain), c.period.start_ms, c.metrics.to_wire()) for c in engine.outbox],
+    )
+
+
+def restore(cfg: EngineConfig, state: EngineState, dedup: DedupStore | None = None) -> PartitionEngine:
+    """A new engine in exactly the captured state (``dedup`` brings its own remembered ids)."""
+    engine = PartitionEngine(cfg, dedup)
+    if len(state.zones) != len(engine.zones):
+        raise CheckpointError(f"checkpoint has {len(state.zones)} lifecycle zones, the settings give "
+                              f"{len(engine.zones)}")
+    engine.max_ts, engine.wm, engine.cursor = state.max_ts, state.wm, state.cursor
+    cal = cfg.calendar
+    engine._periods = [cal.period_at(start, grain) for start, grain in zip(state.period_starts, GRAINS)]
+    engine._accs = [PeriodMetrics.from_wire(m) for m in state.accs]
+    engine.zones = [dict(zip(uids, [lo | (hi << PURCHASE_SHIFT) for lo, hi in zip(low, high, strict=True)],
+                             strict=True)) for uids, low, high in state.zones]
+    engine.buffer = [(ev.ts, ev.event_id, ev) for ev in state.buffer]
+    heapify(engine.buffer)
+    accepted, duplicates, late, rejected = state.totals
+    engine.totals = Totals(accepted, duplicates, late, dict(rejected))
+    engine.outbox = [Closed(cal.period_at(start, GRAINS[g]), PeriodMetrics.from_wire(m))
+                     for g, start, m in state.outbox]
+    return engine
+
+
+def encode(cp: Checkpoint) -> bytes:
+    """The checkpoint's bytes: msgpack body, then its SHA-256."""
+    body = _encoder.encode(cp)
+    return body + hashlib.sha256(body).digest()
+
+
+def digest(data: bytes) -> str:
+    """The hex SHA-256 that :func:`encode` appended (the checkpoint's identity in logs)."""
+    return data[-_DIGEST:].hex()
+
+
+def decode(data: bytes) -> Checkpoint:
+    """A verified checkpoint, or :class:`CheckpointError` saying what is wrong."""
+    if len(data) <= _DIGEST:
+        raise CheckpointError(f"checkpoint of {len(data)} bytes is truncated")
+    body, want = data[:-_DIGEST], data[-_DIGEST:]
+    if hashlib.sha256(body).digest() != want:
+        raise CheckpointError("checkpoint hash mismatch: torn or corrupted")
+    try:
+        cp = _decoder.decode(body)
+    except msgspec.DecodeError as err:
+        raise CheckpointError(f"checkpoint does not decode: {err}") from None
+    if cp.format != FORMAT:
+        raise CheckpointError(f"checkpoint format {cp.format}, this version reads {FORMAT}")
+    return cp
+
+
+def take(engine: PartitionEngine, partition: int, position: int, source_offset: int | None) -> bytes:
+    """Capture and encode ``engine`` as the state after state-log position ``position``."""
+    return encode(Checkpoint(FORMAT, partition, position, source_offset, engine.cfg.fingerprint, capture(engine)))
+
+
+def load(cfg: EngineConfig, data: bytes, partition: int, dedup: DedupStore | None = None
+         ) -> tuple[Checkpoint, PartitionEngine]:
+    """Verify ``data`` and rebuild its engine; refuses another partition's or other settings' checkpoint."""
+    cp = decode(data)
+    if cp.partition != partition:
+        raise CheckpointError(f"checkpoint of partition {cp.partition}, expected {partition}")
+    if cfg.fingerprint and cp.fingerprint != cfg.fingerprint:
+        raise CheckpointError(f"checkpoint written under other settings (fingerprint {cp.fingerprint}, "
+                              f"now {cfg.fingerprint})")
+    return cp, restore(cfg, cp.engine, dedup)
