@@ -85,11 +85,13 @@ def ensure_topics(bootstrap: str, topics: Topics, partitions: int,
         events_parts = partitions
         if topics.events in existing:
             events_parts = _partition_counts(admin, [topics.events])[topics.events]
-        wanted = {topics.events: events_parts, topics.state_log: events_parts}
+        wanted = {topics.events: events_parts, topics.state_log: events_parts, topics.checkpoints: events_parts}
         for name in topics.single_partition():
             wanted[name] = 1
-        # The state log is the source of truth for recovery: never delete from it.
-        configs = {topics.state_log: {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}}
+        # The state log and the checkpoints are the source of truth for recovery: the broker never deletes
+        # from them; the worker deletes what a newer verified checkpoint made redundant (agents/worker/checkpoints.py).
+        keep = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
+        configs = {topics.state_log: dict(keep), topics.checkpoints: dict(keep)}
         for name, (n, cfg) in (extra or {}).items():
             wanted[name] = n
             configs[name] = dict(cfg)
@@ -113,7 +115,7 @@ def ensure_topics(bootstrap: str, topics: Topics, partitions: int,
         actual = _partition_counts(admin, list(wanted))
         for name, n in wanted.items():
             if actual[name] != n:
-                why = f" (as {topics.events})" if name == topics.state_log else ""
+                why = f" (as {topics.events})" if name in (topics.state_log, topics.checkpoints) else ""
                 raise TopicMismatch(f"topic {name} has {actual[name]} partitions, expected {n}{why}; "
                                     "kpimon does not change existing topics (docs/operations.md#topics)")
         return events_parts

@@ -49,6 +49,11 @@ class Topics:
         return f"{self.prefix}{self.app_id}.state-log"
 
     @property
+    def checkpoints(self) -> str:
+        """Internal: checkpoints of the partition engines; same partition count as events."""
+        return f"{self.prefix}{self.app_id}.checkpoints"
+
+    @property
     def partials(self) -> str:
         """Internal, 1 partition: per-partition closed-period numbers and progress."""
         return f"{self.prefix}{self.app_id}.period-partials"

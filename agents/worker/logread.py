@@ -1,0 +1,42 @@
+"""Reading an internal topic's partitions from their first offset to their end: the state log and the checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+
+async def read_to_end(bootstrap: str, topic: str, partitions: list[int],
+                      starts: dict[int, int] | None = None) -> AsyncIterator[tuple[int, Any]]:
+    """Yield (partition, aiokafka ConsumerRecord) for every record of ``partitions``, in order per partition.
+
+    ``starts`` (filled in if given) receives each partition's first offset, the
+    log-start offset after deletions, before the first record is yielded.
+    Reads to the end offsets taken at the start, then until a poll comes back
+    empty: some brokers (Tansu) under-report the end offset.
+    """
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    tps = [TopicPartition(topic, p) for p in partitions]
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                              auto_offset_reset="earliest", max_partition_fetch_bytes=32 * 1024 * 1024,
+                              fetch_max_bytes=64 * 1024 * 1024)
+    await reader.start()
+    try:
+        reader.assign(tps)
+        await reader.seek_to_beginning(*tps)
+        ends = await reader.end_offsets(tps)
+        firsts = await reader.beginning_offsets(tps)
+        if starts is not None:
+            starts.update({tp.partition: off for tp, off in firsts.items()})
+        while True:
+            got = await reader.getmany(timeout_ms=200, max_records=20000)
+            for tp, msgs in got.items():
+                for msg in msgs:
+                    yield tp.partition, msg
+            if not got:
+                positions = [await reader.position(tp) for tp in tps]
+                if all(pos >= ends[tp] for pos, tp in zip(positions, tps)):
+                    break
+    finally:
+        await reader.stop()
