@@ -47,6 +47,7 @@ class Workers:
                 redis["enabled"] = False  # no Redis here: the serving layer is not what these benchmarks measure
             d = os.path.join(workdir, f"w{i}")
             os.makedirs(d, exist_ok=True)
+            cfg["worker"]["state_dir"] = os.path.join(d, "state")  # each worker its own dedup stores
             path = bf.write_config(cfg, d)
             log = os.path.join(d, "worker.log")
             self.procs.append(bf.spawn_worker(path, log))

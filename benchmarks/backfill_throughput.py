@@ -98,7 +98,9 @@ def main() -> None:
         raw_s = asyncio.run(raw_consume(bootstrap, topics.events, args.partitions, total, decode=False))
         raw_json_s = asyncio.run(raw_consume(bootstrap, topics.events, args.partitions, total, decode=True))
 
-        cfg = bf.write_config(settings.model_dump(mode="json"), tmp)
+        data = settings.model_dump(mode="json")
+        data["worker"]["state_dir"] = os.path.join(tmp, "state")  # this run's own dedup stores
+        cfg = bf.write_config(data, tmp)
         t_start = time.perf_counter()
         worker = bf.spawn_worker(cfg, os.path.join(tmp, "worker.log"))
         partials_reader = _FirstProgress(bootstrap, topics.partials)

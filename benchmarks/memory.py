@@ -52,6 +52,7 @@ import concurrent.futures
 import gc
 import json
 import multiprocessing as mp
+import os
 import tempfile
 import time
 import uuid
@@ -325,7 +326,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         # agents.backfill.worker_settings: the demo config with this broker, prefix and port, live clock,
         # session timeout 3s (and whatever else it adapts, e.g. the KPI spec's path made absolute).
         data = bf.worker_settings(demo, broker=f"kafka://{bootstrap}", prefix=prefix, partitions=args.partitions,
-                                  web_port=free_port(), clock="live")
+                                  web_port=free_port(), state_dir=os.path.join(tmp, "state"), clock="live")
         data.update(lateness="5s", dedup_horizon="1m")
         settings = from_mapping(data, "<bench>", env={})
         topics = Topics(prefix, settings.worker.app_id)

@@ -7,7 +7,7 @@ key and the fault, e.g.::
 
 Connection settings can be overridden from the environment (``KPIMON_BROKER``,
 ``KPIMON_REDIS_URL``, ``KPIMON_WEB_HOST``, ``KPIMON_WEB_PORT``,
-``KPIMON_TOPIC_PREFIX``); secrets never live in the file: the API token comes
+``KPIMON_TOPIC_PREFIX``, ``KPIMON_STATE_DIR``); secrets never live in the file: the API token comes
 only from ``KPIMON_API_TOKEN`` and is excluded from dumps.
 """
 
@@ -167,6 +167,12 @@ class Kafka(_Model):
         return ",".join(part.split("://", 1)[-1] for part in self.broker.split(","))
 
 
+def _default_state_dir() -> str:
+    """``$XDG_STATE_HOME/kpimon``, or ``~/.local/state/kpimon``."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "kpimon")
+
+
 class Worker(_Model):
     app_id: str = Field(default="kpimon", pattern=r"^[A-Za-z0-9._-]+$")
     clock: Literal["live", "event"] = "live"
@@ -176,6 +182,10 @@ class Worker(_Model):
     poll_timeout: PollDuration = parse_duration("200ms")
     tick_interval: TickDuration = parse_duration("1s")
     session_timeout: SessionDuration = parse_duration("10s")
+    # Local state of the worker: the dedup stores (<state_dir>/<topic_prefix><app_id>/dedup-<partition>).
+    state_dir: Annotated[str, AfterValidator(os.path.expanduser)] = Field(default_factory=_default_state_dir,
+                                                                          min_length=1)
+    dedup_store: Literal["disk", "memory"] = "disk"  # memory: every id of the horizon in RAM (tests, tools)
 
 
 class Redis(_Model):
@@ -291,6 +301,7 @@ _ENV = {
     "KPIMON_WEB_HOST": ("worker", "web_host"),
     "KPIMON_WEB_PORT": ("worker", "web_port"),
     "KPIMON_APP_ID": ("worker", "app_id"),
+    "KPIMON_STATE_DIR": ("worker", "state_dir"),
 }
 
 

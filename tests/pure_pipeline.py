@@ -239,6 +239,7 @@ def engine_state(engine: PartitionEngine) -> dict[str, Any]:
                    "rejected": dict(sorted(t.rejected.items()))},
         "users": dict(sorted(engine.users_state().items())),
         "zones": [list(z.items()) for z in engine.zones],
+        "lifetime": dict(sorted(engine.lifetime.items())),
         "buffer": sorted((ev.ts, ev.event_id) for ev in engine.buffered()),
         "dedup": dict(sorted(engine.dedup.items())),
         "open": [(p.grain, p.label, m.to_wire()) for p, m in engine.open_metrics()],

@@ -11,7 +11,8 @@ changelog-plus-local-store and Flink's checkpoints are the models).  It holds:
 * ``fingerprint``: the settings the state was computed under
   (``EngineConfig.fingerprint``); a checkpoint under other settings is refused;
 * the engine state: watermark, cursor, open periods and their numbers, every
-  user's packed state in zone order, the reorder buffer, the totals.
+  user's packed state in zone order, lifetime revenue per paying user, the
+  reorder buffer, the totals.
 
 The dedup store is not in it: it lives on local disk and records its own
 position (agents/core/dedup.py, agents/worker/dedup_store.py).
@@ -53,6 +54,7 @@ class EngineState(msgspec.Struct, array_like=True, gc=False):
     # Per zone, in zone order: user ids, and their packed states split at PURCHASE_SHIFT (a packed state
     # can exceed 64 bits, msgpack's limit): the low bits (last activity, signed up) and the purchase minute.
     zones: list[tuple[list[str], list[int], list[int]]]
+    lifetime: tuple[list[str], list[int]]  # lifetime net revenue of every user who ever paid or was refunded
     buffer: list[Event]  # accepted, not applied yet, in (ts, event_id) order
     totals: tuple[int, int, int, dict[str, int]]  # accepted, duplicates, late, rejected by reason
     outbox: list[tuple[int, int, dict]]  # closed and not taken yet: (grain index, period start, numbers)
@@ -82,6 +84,7 @@ def capture(engine: PartitionEngine) -> EngineState:
         accs=[acc.to_wire() for acc in engine._accs],
         zones=[(list(z), [v & _LOW for v in z.values()], [v >> PURCHASE_SHIFT for v in z.values()])
                for z in engine.zones],
+        lifetime=(list(engine.lifetime), list(engine.lifetime.values())),
         buffer=[item[2] for item in sorted(engine.buffer, key=lambda item: (item[0], item[1]))],
         totals=(t.accepted, t.duplicates, t.late, dict(t.rejected)),
         outbox=[(GRAINS.index(c.period.grain), c.period.start_ms, c.metrics.to_wire()) for c in engine.outbox],
@@ -100,6 +103,7 @@ def restore(cfg: EngineConfig, state: EngineState, dedup: DedupStore | None = No
     engine._accs = [PeriodMetrics.from_wire(m) for m in state.accs]
     engine.zones = [dict(zip(uids, [lo | (hi << PURCHASE_SHIFT) for lo, hi in zip(low, high, strict=True)],
                              strict=True)) for uids, low, high in state.zones]
+    engine.lifetime = dict(zip(*state.lifetime, strict=True))
     engine.buffer = [(ev.ts, ev.event_id, ev) for ev in state.buffer]
     heapify(engine.buffer)
     accepted, duplicates, late, rejected = state.totals

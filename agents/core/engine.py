@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from heapq import heappop, heappush
 
 from kpimon.agents.core.dedup import DedupStore, MemoryDedup
-from kpimon.agents.core.effects import EFFECTS, add_flows, net_revenue
+from kpimon.agents.core.effects import EFFECTS, add_flows
 from kpimon.agents.core.grains import GRAINS, Period
 from kpimon.agents.core.lifecycle import ACTIVE, CHURNED, DEAD, STATES, Ladder, Thresholds
 from kpimon.agents.core.metrics import ENTERED, PeriodMetrics
@@ -116,8 +116,10 @@ class PartitionEngine:
         self.outbox: list[Closed] = []
         # (from_state, to_state) -> count, drained by the exporter.
         self.transitions: dict[tuple[int, int], int] = {}
+        # Lifetime net revenue (minor units) of every user who ever had a purchase or refund applied.
+        self.lifetime: dict[str, int] = {}
         # Per-user changes for the serving layer (agents/serving/writer.py), only when enabled:
-        # user_id -> [last activity, zone, first signup ts | None, channel | None, revenue delta].
+        # user_id -> [last activity, zone, first signup ts | None, channel | None, lifetime net revenue].
         self.track_users = False
         self.touched: dict[str, list] = {}
         # The open period of each grain and its accumulator.  Additive metrics
@@ -275,6 +277,8 @@ class PartitionEngine:
         eff = EFFECTS[ev.code]
         if eff.flows:
             add_flows(day, ev.code, ev.amount)
+            if eff.revenue:
+                self.lifetime[uid] = self.lifetime.get(uid, 0) + eff.revenue * ev.amount
         first_signup = False
         if eff.purchase:
             lpm = v >> PURCHASE_SHIFT
@@ -297,14 +301,14 @@ class PartitionEngine:
             self._touch(ev, first_signup)
 
     def _touch(self, ev: Event, first_signup: bool) -> None:
-        rec = self.touched.get(ev.user_id)
+        uid = ev.user_id
+        rec = self.touched.get(uid)
         if rec is None:
-            rec = self.touched[ev.user_id] = [ev.ts, 0, None, None, 0]
+            rec = self.touched[uid] = [ev.ts, 0, None, None, 0]
         rec[0], rec[1] = ev.ts, 0
         if first_signup:
             rec[2], rec[3] = ev.ts, ev.channel
-        else:
-            rec[4] += net_revenue(ev.code, ev.amount)
+        rec[4] = self.lifetime.get(uid, 0)
 
     def _comeback(self, zone: int, a: int, t: int, day: PeriodMetrics) -> None:
         """A user last active at ``a`` (in ``zone``) is active again at ``t``."""
@@ -358,7 +362,7 @@ class PartitionEngine:
                     for uid, v in moving:
                         rec = touched.get(uid)
                         if rec is None:
-                            touched[uid] = [v & LAST, k, None, None, 0]
+                            touched[uid] = [v & LAST, k, None, None, self.lifetime.get(uid, 0)]
                         else:
                             rec[1] = k
                 if states[k] != states[k - 1]:

@@ -8,10 +8,7 @@ events.  :class:`LogSource` is all the writer may ask of the worker.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any, Protocol
-
-from kpimon.agents.core.effects import net_revenue
+from typing import Protocol
 
 # user_id -> (state index, last activity, signup ts | None, channel | None, lifetime revenue minor units)
 Users = dict[str, tuple[int, int, "int | None", "str | None", int]]
@@ -43,14 +40,6 @@ class Update:
         return f"Update({self.start}, {self.end}, {len(self.users)} users)"
 
 
-def add_revenue(acc: dict[str, int], events: Iterable[Any], sign: int = 1) -> None:
-    """Add the purchase minus refund amounts of ``events`` per user (minor units)."""
-    for ev in events:
-        net = net_revenue(ev.code, ev.amount)  # agents/core/effects.py
-        if net:
-            acc[ev.user_id] = acc.get(ev.user_id, 0) + sign * net
-
-
 class LogSource(Protocol):
     """What the writer needs from the worker that owns the partitions: the seam between serving and ingest."""
 
@@ -58,7 +47,7 @@ class LogSource(Protocol):
         """Whether the worker currently owns ``partition`` of the input."""
         ...
 
-    async def replay_users(self, partition: int) -> tuple[dict[str, list], dict[str, int], int]:
-        """Every user of ``partition`` from a fresh replay of the state log: (touched users, lifetime net
-        revenue, state-log position reached); see agents/worker/recovery.py ``replay_users``."""
+    async def replay_users(self, partition: int) -> tuple[dict[str, list], int]:
+        """Every user of ``partition`` as of the end of its state log (engine ``take_touched`` format) and
+        the state-log position reached; see agents/worker/recovery.py ``replay_users``."""
         ...

@@ -45,9 +45,9 @@ gap (Redis lost data: the partition is rebuilt from the state log, see below);
 otherwise it writes every user and sets the position to ``end`` in the same
 atomic script.
 
-**Every value written is absolute**, lifetime revenue included (the writer
-keeps each paying user's running total per partition; recovery rebuilds it from
-the state log).  So applying an update twice, applying it over a newer one's
+**Every value written is absolute**, lifetime revenue included (the engine
+keeps each paying user's running total, so checkpoints carry it and recovery
+restores it).  So applying an update twice, applying it over a newer one's
 prefix, or merging updates is harmless; an update ``[start, end)`` holds every
 user changed in that range with their values as of ``end``, and applying it to
 a state as of any position in ``[start, end)`` gives the state as of ``end``.
@@ -84,7 +84,7 @@ Limits: a worker that recovers while Redis is unreachable cannot know the
 stored position, so it collects and rewrites every user of the partition once
 (memory for the tracked users during the replay, one big write when Redis is
 back).  A rebuild after data loss replays the partition's whole state log in
-the worker.  The lifetime-revenue totals take memory per paying user.  Keys are
+the worker.  Keys are
 built inside the scripts, so Redis Cluster is not supported.  Keys of users who
 disappear from the state log (a new deployment with the same topic names but
 old Redis data) are not removed: a new deployment needs a new ``key_prefix``.
@@ -149,7 +149,6 @@ class ServingWriter:
         self._rebuild = rebuild
         self.source: LogSource | None = None  # the worker's state log and ownership, for rebuilds
         self.queues: dict[int, list[Update]] = {}
-        self.revenue: dict[int, dict[str, int]] = {}  # per partition: lifetime revenue of users who ever paid
         self.gen: dict[int, int] = {}  # bumped when a partition is (re)assigned: stale work is dropped
         self.applied: dict[int, int] = {}  # the position this writer last saw stored, per partition
         self.resyncing: set[int] = set()
@@ -205,22 +204,15 @@ class ServingWriter:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="kpimon-serving-writer")
 
     # ------------------------------------------------------------------ submit
-    def _absolute(self, touched: dict[str, list], revenue: dict[str, int], fold: bool) -> Users:
+    def _users(self, touched: dict[str, list]) -> Users:
+        """The engine's ``take_touched`` records as serving values (all absolute, revenue included)."""
         zs = self.zone_state
-        users: Users = {}
-        get = revenue.get
-        for uid, (last, zone, signup, channel, delta) in touched.items():
-            if fold and delta:
-                total = revenue[uid] = get(uid, 0) + delta
-            else:
-                total = get(uid, 0)
-            users[uid] = (zs[zone], last, signup, channel, total)
-        return users
+        return {uid: (zs[zone], last, signup, channel, revenue)
+                for uid, (last, zone, signup, channel, revenue) in touched.items()}
 
     def submit(self, partition: int, start: int, end: int, touched: dict[str, list]) -> None:
         """Queue what one acknowledged state-log record changed; never blocks (engine ``take_touched`` format)."""
-        users = self._absolute(touched, self.revenue.setdefault(partition, {}), fold=True)
-        self._enqueue(partition, Update(start, end, users))
+        self._enqueue(partition, Update(start, end, self._users(touched)))
 
     def _enqueue(self, p: int, upd: Update, front: bool = False, wake: bool = False) -> None:
         q = self.queues.setdefault(p, [])
@@ -236,15 +228,13 @@ class ServingWriter:
                 self.start()
             self._wake.set()
 
-    def recovered(self, partition: int, start: int, end: int, touched: dict[str, list],
-                  revenue: dict[str, int]) -> None:
+    def recovered(self, partition: int, start: int, end: int, touched: dict[str, list]) -> None:
         """A partition was (re)assigned: forget older work, queue what the stored position misses."""
         self.gen[partition] = self.gen.get(partition, 0) + 1
         self.queues.pop(partition, None)
         self.resyncing.discard(partition)
         self.applied.pop(partition, None)
-        self.revenue[partition] = revenue
-        users = self._absolute(touched, revenue, fold=False)
+        users = self._users(touched)
         if start >= 0:
             self.applied[partition] = start  # read from Redis just now: the probe watches it from here
             if start == end and not users:
@@ -255,13 +245,12 @@ class ServingWriter:
     def retain(self, partitions: Iterable[int]) -> None:
         """Drop the state of partitions this worker no longer owns (their next owner recovers them)."""
         keep = set(partitions)
-        for p in set(self.queues) | set(self.revenue) | set(self.applied):
+        for p in set(self.queues) | set(self.applied):
             if p not in keep:
                 self._forget(p)
 
     def _forget(self, p: int) -> None:
         self.queues.pop(p, None)
-        self.revenue.pop(p, None)
         self.applied.pop(p, None)
         self.resyncing.discard(p)
         self.gen[p] = self.gen.get(p, 0) + 1
@@ -498,8 +487,8 @@ class ServingWriter:
 
     async def _replay(self, p: int) -> Update:
         assert self.source is not None, "the writer needs attach() before it can rebuild from the state log"
-        touched, revenue, end = await self.source.replay_users(p)
-        return Update(RESET, end, self._absolute(touched, revenue, fold=False))
+        touched, end = await self.source.replay_users(p)
+        return Update(RESET, end, self._users(touched))
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Write what is queued (up to ``timeout``), then stop.  A backlog left is rewritten by the next owner."""

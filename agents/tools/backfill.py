@@ -220,10 +220,11 @@ def scan_max_ts(lines: Iterable[bytes], decimals: int = 2, min_epoch_ms: int | N
 
 
 def worker_settings(settings: Any, *, broker: str, prefix: str, partitions: int, web_port: int,
-                    clock: str = "event") -> dict[str, Any]:
+                    state_dir: str, clock: str = "event") -> dict[str, Any]:
+    """The child worker's settings; ``state_dir`` (its dedup stores) belongs to this run only."""
     data = settings.model_dump(mode="json")
     data["kafka"].update(broker=broker, topic_prefix=prefix, partitions=partitions)
-    data["worker"].update(clock=clock, web_port=web_port, session_timeout="3s")
+    data["worker"].update(clock=clock, web_port=web_port, session_timeout="3s", state_dir=state_dir)
     data["redis"]["enabled"] = False  # a backfill writes only its report, never the serving layer
     path = settings.kpis_path()
     data["kpis"] = str(path.resolve()) if path is not None else None
@@ -251,7 +252,7 @@ def spawn_worker(config_path: str, log_path: str, env: dict[str, str] | None = N
     """``kpimon worker --config PATH`` as a child process (its own process group)."""
     logf = open(log_path, "ab")
     full_env = dict(os.environ)
-    for var in ("KPIMON_BROKER", "KPIMON_TOPIC_PREFIX", "KPIMON_WEB_PORT", "KPIMON_APP_ID"):
+    for var in ("KPIMON_BROKER", "KPIMON_TOPIC_PREFIX", "KPIMON_WEB_PORT", "KPIMON_APP_ID", "KPIMON_STATE_DIR"):
         full_env.pop(var, None)
     full_env.update(env or {})
     return subprocess.Popen(kpimon_command("worker", "--config", config_path), stdout=logf, stderr=subprocess.STDOUT,
@@ -385,7 +386,8 @@ def run(path: str, settings: Any, *, until: str | None = None, broker: str | Non
         admin.send_watermark(bootstrap, topics.events, partitions, until_ms)
         log(f"produced {n} lines to {topics.events} ({partitions} partitions)")
         cfg = write_config(worker_settings(settings, broker=f"kafka://{bootstrap}", prefix=prefix,
-                                           partitions=partitions, web_port=free_port()), tmp)
+                                           partitions=partitions, web_port=free_port(),
+                                           state_dir=os.path.join(tmp, "state")), tmp)
         worker = spawn_worker(cfg, os.path.join(tmp, "worker.log"))
         stack.callback(stop_worker, worker)
         reader = PeriodsReader(bootstrap, topics.periods)

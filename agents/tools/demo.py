@@ -297,7 +297,7 @@ def run_demo(settings: Settings | None = None, duration: float | None = None, ra
             console.print(f"embedded broker on {bootstrap}")
             admin.ensure_topics(bootstrap, topics, partitions)
             data = worker_settings(settings, broker=f"kafka://{bootstrap}", prefix=prefix, partitions=partitions,
-                                   web_port=web_port, clock="live")
+                                   web_port=web_port, state_dir=os.path.join(tmp, "state"), clock="live")
             data["worker"]["web_host"] = LOOPBACK
             worker = spawn_worker(write_config(data, tmp), log_path)
             stack.callback(stop_worker, worker)  # runs before the broker stops

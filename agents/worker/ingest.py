@@ -31,6 +31,7 @@ from aiokafka.structs import ConsumerRecord
 
 from kpimon.agents.core.batch import Batch, Record, Tally, process_messages
 from kpimon.agents.core.batch import encode as encode_record
+from kpimon.agents.core.dedup import DedupStore, MemoryDedup
 from kpimon.agents.core.engine import EngineConfig, PartitionEngine
 from kpimon.agents.core.step import message_key, partition_outputs
 from kpimon.agents.metrics.exporter import KpimonMetrics
@@ -129,6 +130,7 @@ class IngestService:
                 log.exception("writes in flight failed while stopping")
             if self.serving is not None:
                 await self.serving.stop()  # what it cannot write, the partitions' next owner rewrites
+            self._close_stores(list(self.engines))
             if self.consumer is not None:
                 await self.consumer.stop()
             if self.producer is not None:
@@ -175,6 +177,7 @@ class IngestService:
         clock = now if self.live else None
         self.decoder.max_ts = now + self.settings.max_future
         results: list[tuple[int, Batch]] = []
+        seals: list[int | None] = []  # per result: its generation in the partition's dedup store on disk
         # The users each record changed, in the order of ``results``, for the serving layer
         serving: list[dict] | None = [] if self.serving is not None else None
         offsets = self.offsets
@@ -197,6 +200,7 @@ class IngestService:
                 out, pos = process_messages(engine, self.decoder, msgs, pos, start, clock, self.settings.channel_label)
                 start = offsets[p] = out.record.end
                 results.append((p, out))
+                seals.append(self._seal(engine))
                 if serving is not None:
                     serving.append(engine.take_touched())
         if self.live and time.monotonic() - self._last_tick >= self.tick_s:
@@ -208,6 +212,7 @@ class IngestService:
                     engine.advance(clock=clock)
                     tick = Record(off, off, clock, None, [], {}, 0, 0, self.cfg.fingerprint)
                     results.append((p, Batch(tick, [], [], Tally())))
+                    seals.append(self._seal(engine))
                     if serving is not None:
                         # Users whose buffered events the clock made final, or who aged into a new state: the
                         # record's source range is empty, its state-log position is its own (see _write).
@@ -217,8 +222,33 @@ class IngestService:
         touched = dict.fromkeys(p for p, _ in results)
         derived = {p: self._derived(p) for p in touched}
         commit = await self.settle()
-        self._inflight = asyncio.ensure_future(self._write(results, derived, serving))
+        self._inflight = asyncio.ensure_future(self._write(results, derived, serving, seals))
         return commit
+
+    @staticmethod
+    def _seal(engine: PartitionEngine) -> int | None:
+        """Close the dedup store's generation of the record just made (stores on disk only)."""
+        seal = getattr(engine.dedup_store, "seal", None)
+        return seal() if seal is not None else None
+
+    def _open_store(self, p: int) -> DedupStore:
+        """Partition ``p``'s dedup store: on disk under ``worker.state_dir`` (or in memory, ``dedup_store: memory``)."""
+        w = self.settings.worker
+        if w.dedup_store == "memory":
+            return MemoryDedup(self.cfg.dedup_horizon)
+        from kpimon.agents.worker.dedup_store import open_partition_store
+
+        name = f"{self.settings.kafka.topic_prefix}{w.app_id}"
+        identity = f"{self.topics.state_log}[{p}] {self.cfg.fingerprint}"
+        return open_partition_store(w.state_dir, name, p, identity, self.cfg.dedup_horizon)
+
+    def _close_stores(self, partitions: Iterable[int]) -> None:
+        from kpimon.agents.worker.dedup_store import close_store
+
+        for p in partitions:
+            engine = self.engines.get(p)
+            if engine is not None:
+                close_store(engine.dedup_store)
 
     async def settle(self) -> dict[TopicPartition, int]:
         """Wait for the writes in flight (re-raising their failure); their offsets to commit."""
@@ -247,7 +277,8 @@ class IngestService:
         return []
 
     async def _write(self, results: list[tuple[int, Batch]], derived: dict[int, tuple],
-                     serving: list[dict] | None = None) -> dict[TopicPartition, int]:
+                     serving: list[dict] | None = None,
+                     seals: list[int | None] | None = None) -> dict[TopicPartition, int]:
         t = self.topics
         side = []
         for p, out in results:
@@ -266,6 +297,18 @@ class IngestService:
         await self._send_all(side)
         acks = await self._send_all([(t.state_log, {"value": encode_record(out.record), "partition": p})
                                      for p, out in results])
+        if seals:
+            # The records are durable: their ids may now be persisted in the dedup stores on disk, each
+            # partition up to its last record of this write (state-log position = its offset + 1).
+            last: dict[int, tuple[int, int, int]] = {}
+            for (p, out), ack, seal in zip(results, acks, seals):
+                if seal is not None:
+                    last[p] = (ack.offset + 1, seal, out.record.end)
+            for p, (position, seal, end) in last.items():
+                engine = self.engines.get(p)
+                store = engine.dedup_store if engine is not None else None
+                if store is not None and not getattr(store, "closed", True):
+                    store.commit(position, upto=seal, check=end)  # type: ignore[attr-defined]
         if serving and self.serving is not None:
             # The records are durable: queue their users for Redis (never waits for it), each record as the
             # range of state-log positions from the previous record of its partition to its own offset + 1.
@@ -293,6 +336,7 @@ class IngestService:
     async def release(self, partitions: list[int]) -> None:
         async with self._lock:
             await self.settle()  # the next owner must find our last records in the log
+            self._close_stores(partitions)
             for p in partitions:
                 self.engines.pop(p, None)
                 self.offsets.pop(p, None)
@@ -308,7 +352,9 @@ class IngestService:
             return
         async with self._lock:
             started = time.monotonic()
-            rebuilt = await recovery.replay_partitions(self.cfg, self.read_log, partitions, self.serving)
+            self._close_stores([p for p in partitions if p in self.engines])  # assigned again: reopened below
+            rebuilt = await recovery.replay_partitions(self.cfg, self.read_log, partitions, self.serving,
+                                                       stores=self._open_store)
             assert self.consumer is not None
             for p, rec in rebuilt.items():
                 engine = rec.engine
@@ -340,7 +386,7 @@ class IngestService:
         """Every state-log record of ``partitions``, in order: (partition, state-log offset, Record)."""
         return recovery.read_log(self.settings.kafka.bootstrap, self.topics.state_log, partitions)
 
-    async def replay_users(self, partition: int) -> tuple[dict[str, list], dict[str, int], int]:
+    async def replay_users(self, partition: int) -> tuple[dict[str, list], int]:
         """Every user of ``partition`` from a fresh replay of the state log (the serving layer's repair)."""
         return await recovery.replay_users(self.cfg, self.read_log, partition)
 

@@ -35,9 +35,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from kpimon.agents.core.batch import Record, apply, decode
+from kpimon.agents.core.dedup import DedupStore
 from kpimon.agents.core.engine import Closed, EngineConfig, PartitionEngine
 from kpimon.agents.serving.lua import FORCE, RESET
-from kpimon.agents.serving.updates import add_revenue
 from kpimon.agents.serving.writer import ServingWriter
 from kpimon.errors import KpimonError
 
@@ -89,66 +89,141 @@ class Recovered:
     last_outbox: list[Closed] = field(default_factory=list)  # what the last applied record closed
 
 
+StoreFactory = Callable[[int], DedupStore]
+
+
 async def replay_partitions(cfg: EngineConfig, read: LogReader, partitions: list[int],
-                            serving: ServingWriter | None = None) -> dict[int, Recovered]:
+                            serving: ServingWriter | None = None,
+                            stores: StoreFactory | None = None) -> dict[int, Recovered]:
     """Rebuild the engines of ``partitions`` from the state log (and the serving layer's users, if given).
 
     The last applied record's closed periods are kept in ``last_outbox``: they
     may not have left before the previous owner stopped, and re-publishing them
     is idempotent downstream.
+
+    ``stores(p)`` opens partition ``p``'s dedup store (the worker's on disk,
+    agents/worker/dedup_store.py; default: in memory).  A store on disk already
+    holds the ids of the records before its ``position``: those records are
+    replayed without adding their ids again.  A store that does not match the
+    log (its position is beyond the log's end, or the record before its
+    position is not the one it committed) is wiped and the partition replayed
+    again.  At the end each store commits the state-log position reached.
     """
-    replayers = {p: Replayer(PartitionEngine(cfg), p) for p in partitions}
-    last_outbox: dict[int, list[Closed]] = {p: [] for p in partitions}
+    opened = {p: stores(p) for p in partitions} if stores is not None else {}
+    try:
+        out = await _replay(cfg, read, partitions, serving, opened)
+    except BaseException:
+        for store in opened.values():
+            _close(store)
+        raise
+    return out
+
+
+def _close(store: DedupStore) -> None:
+    close = getattr(store, "close", None)
+    if close is not None:
+        close()
+
+
+async def _replay(cfg: EngineConfig, read: LogReader, partitions: list[int], serving: ServingWriter | None,
+                  opened: dict[int, DedupStore]) -> dict[int, Recovered]:
     tracking = await ServingRecovery.begin(serving, partitions) if serving is not None else None
+    done, stale = await _pass(cfg, read, partitions, tracking, opened)
+    if stale:
+        for p in stale:
+            log.warning("dedup store of partition %d does not match the state log: rebuilding it", p)
+            opened[p].wipe()  # type: ignore[attr-defined]
+        tracking = await ServingRecovery.begin(serving, stale) if serving is not None else None
+        again, _ = await _pass(cfg, read, stale, tracking, opened)
+        done.update(again)
+    out = {}
+    for p in partitions:
+        rp, last_outbox, log_end, last_end = done[p]
+        engine = rp.engine
+        engine.outbox = []
+        engine.transitions.clear()
+        store = opened.get(p)
+        if store is not None and hasattr(store, "commit"):
+            store.replaying = False  # type: ignore[attr-defined]
+            store.commit(log_end, check=last_end)
+        out[p] = Recovered(engine, rp.offset, log_end, rp.applied, rp.skipped, last_outbox)
+    return out
+
+
+COMMIT_EVERY = 200_000  # ids staged while replaying before they are committed (bounds recovery's memory)
+Replayed = tuple[Replayer, list[Closed], int, int | None]  # replayer, last outbox, log end, last record's end
+
+
+async def _pass(cfg: EngineConfig, read: LogReader, partitions: list[int], tracking: ServingRecovery | None,
+                opened: dict[int, DedupStore]) -> tuple[dict[int, Replayed], list[int]]:
+    """One replay of ``partitions``.  Also returns the partitions whose dedup store on disk does not match
+    the log (stale: their replay is to be discarded and done again with the store wiped)."""
+    replayers = {p: Replayer(PartitionEngine(cfg, dedup=opened.get(p)), p) for p in partitions}
+    last_outbox: dict[int, list[Closed]] = {p: [] for p in partitions}
     log_end = dict.fromkeys(partitions, 0)
+    last_end: dict[int, int | None] = dict.fromkeys(partitions)
+    # Stores on disk: the state-log position they hold the ids up to, and the record end they committed with.
+    disk: dict[int, tuple[int, int | None]] = {}
+    for p in partitions:
+        store = opened.get(p)
+        if store is not None and hasattr(store, "commit"):
+            store.replaying = False  # type: ignore[attr-defined]
+            if store.position is not None:  # type: ignore[attr-defined]
+                disk[p] = (store.position, store.check)  # type: ignore[attr-defined]
+    stale: set[int] = set()
     async for p, offset, record in read(partitions):
         rp = replayers[p]
         log_end[p] = offset + 1
+        last_end[p] = record.end
+        store = opened.get(p)
+        at = disk.get(p)
+        if at is not None:
+            position, check = at
+            store.replaying = offset < position  # type: ignore[union-attr]
+            if offset == position - 1 and check is not None and record.end != check:
+                stale.add(p)  # not the record the store committed with: another incarnation of the log
         if tracking is not None:
             tracking.before(p, record, rp.engine, offset)
         if rp.feed(record):
             last_outbox[p] = rp.engine.take_outbox()
-            if tracking is not None:
-                tracking.applied(p, record)
-    out = {}
-    for p, rp in replayers.items():
-        engine = rp.engine
-        engine.outbox = []
-        engine.transitions.clear()
-        if tracking is not None:
-            tracking.finish(p, engine, log_end[p])
-        out[p] = Recovered(engine, rp.offset, log_end[p], rp.applied, rp.skipped, last_outbox[p])
-    return out
+        if at is not None or (store is not None and hasattr(store, "commit")):
+            if not getattr(store, "replaying", True) and store.staged() >= COMMIT_EVERY:  # type: ignore[union-attr]
+                store.commit(offset + 1, check=record.end)  # type: ignore[union-attr]
+    for p, (position, _) in disk.items():
+        if position > log_end[p]:
+            stale.add(p)  # the log is shorter than what the store saw
+    if tracking is not None:
+        for p in partitions:
+            if p not in stale:
+                tracking.finish(p, replayers[p].engine, log_end[p])
+    done = {p: (replayers[p], last_outbox[p], log_end[p], last_end[p]) for p in partitions}
+    return done, sorted(stale)
 
 
-async def replay_users(cfg: EngineConfig, read: LogReader, p: int) -> tuple[dict[str, list], dict[str, int], int]:
+async def replay_users(cfg: EngineConfig, read: LogReader, p: int) -> tuple[dict[str, list], int]:
     """Every user of partition ``p`` as of the end of its state log, from a fresh replay (data-loss repair).
 
-    Returns the engine's touched users, their lifetime net revenue (minor
-    units, events not applied yet excluded) and the state-log position reached.
+    Returns the engine's touched users (lifetime revenue included) and the
+    state-log position reached.
     """
     engine = PartitionEngine(cfg)
     engine.track_users = True
     rp = Replayer(engine, p)
-    revenue: dict[str, int] = {}
     n = end = 0
     async for _, offset, record in read([p]):
-        if rp.feed(record):
-            add_revenue(revenue, record.events)
+        rp.feed(record)
         end = offset + 1
         n += 1
         if n % 8 == 0:
             await asyncio.sleep(0)  # the live stream keeps going meanwhile
-    add_revenue(revenue, engine.buffered(), -1)  # accepted, not yet applied
-    return engine.take_touched(), revenue, end
+    return engine.take_touched(), end
 
 
 class ServingRecovery:
     """The serving side of :func:`replay_partitions` for the partitions being assigned.
 
     ``before`` switches change tracking on for the records past the stored
-    position (all of them if it is unknown), ``applied`` sums the revenue of
-    every replayed record, ``finish`` submits the tracked users as one update
+    position (all of them if it is unknown), ``finish`` submits the tracked users as one update
     from the stored position to the replay's end and leaves tracking on.
     Positions are state-log offsets: the record at offset ``o`` is reflected
     once the stored position is ``o + 1`` or more.
@@ -157,7 +232,6 @@ class ServingRecovery:
     def __init__(self, writer: ServingWriter, partitions: list[int], known: dict[int, int | None] | None) -> None:
         self.writer = writer
         self.known = known
-        self.revenue: dict[int, dict[str, int]] = {p: {} for p in partitions}
         if known is None:
             log.warning("serving layer unreachable while recovering partitions %s: every user of them will be "
                         "rewritten once it is back", partitions)
@@ -175,9 +249,6 @@ class ServingRecovery:
         stored = self.stored(p)
         engine.track_users = stored is None or offset >= stored
 
-    def applied(self, p: int, record: Record) -> None:
-        add_revenue(self.revenue[p], record.events)
-
     def finish(self, p: int, engine: PartitionEngine, end: int) -> None:
         """The replay reached state-log position ``end`` (the offset after the partition's last record)."""
         stored = self.stored(p)
@@ -190,10 +261,8 @@ class ServingRecovery:
             start = FORCE
         else:
             start = stored
-        revenue = self.revenue[p]
-        add_revenue(revenue, engine.buffered(), -1)  # accepted, not yet applied
         engine.track_users = True
-        self.writer.recovered(p, start, end, engine.take_touched(), revenue)
+        self.writer.recovered(p, start, end, engine.take_touched())
 
 
 async def read_log(bootstrap: str, topic: str, partitions: list[int]) -> AsyncIterator[tuple[int, int, Record]]:

@@ -26,7 +26,9 @@ class Pipeline:
         self.prefix = f"t{uuid.uuid4().hex[:8]}."
         data: dict[str, Any] = {
             "kafka": {"broker": f"kafka://{bootstrap}", "topic_prefix": self.prefix, "partitions": partitions},
-            "worker": {"clock": "event", "web_port": free_port(), "session_timeout": "3s"},
+            # state_dir: this deployment's own dedup stores (tests reuse app_ids; workers restarted share it)
+            "worker": {"clock": "event", "web_port": free_port(), "session_timeout": "3s",
+                       "state_dir": os.path.join(workdir, f"state-{self.prefix}")},
             "redis": {"enabled": False},  # tests of the serving layer pass redis={"enabled": True, ...}
         }
         for key, value in overrides.items():

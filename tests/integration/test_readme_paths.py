@@ -44,7 +44,8 @@ def test_readme_quick_start_without_docker(flavour, tmp_path):
     assert shutil.which("kpimon"), "the kpimon console script is not on PATH (pip install -e .)"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KPIMON_")}
     port, web = free_port(), free_port()
-    env.update(KPIMON_BROKER=f"kafka://127.0.0.1:{port}", KPIMON_WEB_PORT=str(web))
+    env.update(KPIMON_BROKER=f"kafka://127.0.0.1:{port}", KPIMON_WEB_PORT=str(web),
+               XDG_STATE_HOME=str(tmp_path / "state"))  # the worker's default state_dir, fresh per run
     procs: list[subprocess.Popen] = []
     try:
         # Terminal 1: the broker.

@@ -264,7 +264,7 @@ def users_config(redis_server, tmp_path, request) -> Path:
     async def store() -> None:
         w = ServingWriter(settings)
         sleeping, active = zone_of(settings, "sleeping"), zone_of(settings, "active")
-        w.recovered(0, RESET, 0, {}, {})
+        w.recovered(0, RESET, 0, {})
         w.submit(0, 0, 1, {"b": [START + 5, sleeping, START, "email", 1999],
                            "a": [START + 1, sleeping, None, None, 0],
                            "c": [START + 9, active, START + 9, "organic", -550]})

@@ -60,7 +60,7 @@ async def _store(url: str, extra: dict | None = None):
     s = make_settings(url, **(extra or {}))
     w = ServingWriter(s)
     sleeping = zone_of(s, "sleeping")
-    w.recovered(0, RESET, 0, {}, {})
+    w.recovered(0, RESET, 0, {})
     w.submit(0, 0, 1, {HYPERLINK: [START, sleeping, START, "email", -550],
                        "-1+2": [START + 1, sleeping, START, "@chan", 1999],
                        "plain": [START + 2, sleeping, None, None, 0]})

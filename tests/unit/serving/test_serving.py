@@ -61,7 +61,7 @@ async def test_applying_the_same_batch_twice_changes_nothing_and_counts_revenue_
     s = make_settings(redis_server.url)
     w = ServingWriter(s, registry)
     active = zone_of(s, "active")
-    w.recovered(0, RESET, 0, {}, {})
+    w.recovered(0, RESET, 0, {})
     w.submit(0, 0, 10, {"u1": [START, active, START - 5, "organic", 0], "u2": [START + 1, active, None, None, 1999]})
     assert await w.flush()
     first = await user(client, s, "u2")
@@ -70,9 +70,8 @@ async def test_applying_the_same_batch_twice_changes_nothing_and_counts_revenue_
     assert (await user(client, s, "u1"))["signup_ts"] == START - 5
     assert (await user(client, s, "u1"))["channel"] == "organic"
 
-    # Redelivery: another writer (a restarted worker) sends the same record again, revenue delta included.
+    # Redelivery: another writer (a restarted worker) sends the same record again, lifetime revenue included.
     again = ServingWriter(s, CollectorRegistry())
-    again.revenue[0] = {}
     again.submit(0, 0, 10, {"u2": [START + 1, active, None, None, 1999]})
     assert await again.flush()
     assert await user(client, s, "u2") == first
@@ -92,7 +91,7 @@ async def test_applying_the_same_batch_twice_changes_nothing_and_counts_revenue_
 async def test_states_move_between_the_at_risk_sets(redis_server, client):
     s = make_settings(redis_server.url)
     w = ServingWriter(s)
-    w.recovered(3, RESET, 0, {}, {})
+    w.recovered(3, RESET, 0, {})
     w.submit(3, 0, 1, {"a": [START, zone_of(s, "active"), None, None, 0],
                        "b": [START + 5, zone_of(s, "active"), None, None, 0]})
     await w.flush()
@@ -118,16 +117,17 @@ async def test_a_backlog_is_merged_while_redis_is_down_and_written_when_it_retur
         s = make_settings(own.url)
         w = ServingWriter(s, registry, retry_max=0.2)
         active, silent = zone_of(s, "active"), zone_of(s, "silent")
-        w.recovered(0, RESET, 100, {}, {})
-        w.recovered(1, RESET, 0, {}, {})
+        w.recovered(0, RESET, 100, {})
+        w.recovered(1, RESET, 0, {})
         w.submit(0, 100, 110, {"u": [START, active, START, "email", 500]})
         await asyncio.sleep(0.3)
         assert registry.get_sample_value("kpimon_serving_up") == 1
         assert registry.get_sample_value("kpimon_serving_backlog_users") == 0
 
         own.stop_process()
-        w.submit(0, 110, 120, {"u": [START + 1, active, None, None, -200], "v": [START + 2, active, None, None, 0]})
-        w.submit(0, 120, 130, {"u": [START + 1, silent, None, None, 0], "x": [START + 3, active, START + 3, None, 0]})
+        # The engine's records carry absolute lifetime revenue: 5.00, then a 2.00 refund.
+        w.submit(0, 110, 120, {"u": [START + 1, active, None, None, 300], "v": [START + 2, active, None, None, 0]})
+        w.submit(0, 120, 130, {"u": [START + 1, silent, None, None, 300], "x": [START + 3, active, START + 3, None, 0]})
         w.submit(1, 0, 5, {"y": [START, active, None, None, 700]})
         await asyncio.sleep(0.5)  # the background writer tried and failed meanwhile
         assert registry.get_sample_value("kpimon_serving_up") == 0
@@ -159,7 +159,7 @@ async def test_a_backlog_is_merged_while_redis_is_down_and_written_when_it_retur
 async def test_a_submission_never_waits_for_redis():
     s = make_settings("redis://127.0.0.1:9/0")  # nothing listens there
     w = ServingWriter(s, retry_max=0.1)
-    w.recovered(0, RESET, 0, {}, {})
+    w.recovered(0, RESET, 0, {})
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     for i in range(200):
@@ -180,7 +180,7 @@ async def test_lost_redis_data_is_rebuilt_from_the_log_before_the_held_updates(r
                                   "u": (0, START + 5, None, None, 0)})
 
     w = ServingWriter(s, rebuild=rebuild, probe_interval=0.1)
-    w.recovered(0, RESET, 0, {}, {})
+    w.recovered(0, RESET, 0, {})
     w.submit(0, 0, 10, {"old": [START, zone_of(s, "silent"), START - DAY, "social", 100]})
     await w.flush()
     # Redis loses everything (a restart without persistence, a flush).
@@ -212,7 +212,7 @@ async def test_lost_redis_data_is_rebuilt_from_the_log_before_the_held_updates(r
 async def test_chunks_are_idempotent_and_an_older_update_cannot_overwrite_a_chunked_one(redis_server, client):
     s = make_settings(redis_server.url)
     w = ServingWriter(s, chunk_users=3)
-    w.recovered(0, RESET, 10, {}, {})
+    w.recovered(0, RESET, 10, {})
     await w.flush()
     users = {f"u{i}": (0, START + i, None, None, i) for i in range(10)}
     upd = Update(10, 20, users)
@@ -239,7 +239,7 @@ async def test_chunks_are_idempotent_and_an_older_update_cannot_overwrite_a_chun
 async def test_a_large_backlog_goes_in_bounded_round_trips(redis_server, client, registry):
     s = make_settings(redis_server.url)
     w = ServingWriter(s, registry, chunk_users=2)
-    w.recovered(0, RESET, 0, {}, {})
+    w.recovered(0, RESET, 0, {})
     w.submit(0, 0, 7, {f"u{i}": [START + i, 0, None, None, 0] for i in range(40)})  # 20 calls
     assert await w.flush()
     trips = registry.get_sample_value("kpimon_serving_write_seconds_count")
@@ -253,7 +253,7 @@ async def test_readers_order_oldest_first_and_export_csv_and_json(redis_server, 
     s = make_settings(redis_server.url, timezone="Europe/Berlin")
     w = ServingWriter(s)
     sleeping = zone_of(s, "sleeping")
-    w.recovered(0, RESET, 0, {}, {})
+    w.recovered(0, RESET, 0, {})
     w.submit(0, 0, 1, {"c": [START + 3000, sleeping, None, None, 0],
                        "a": [START + 1000, sleeping, START, "email", 12345],
                        "b": [START + 1000, sleeping, None, None, -50],
@@ -324,7 +324,7 @@ async def test_the_engine_feed_and_a_crash_recovery_give_the_plain_computation(r
     engine = PartitionEngine(cfg)
     engine.track_users = True
     w = ServingWriter(s, chunk_users=50)
-    w.recovered(0, RESET, 0, {}, {})
+    w.recovered(0, RESET, 0, {})
     records = []
     accepted_all = []
     pos = 0
@@ -353,8 +353,7 @@ async def test_the_engine_feed_and_a_crash_recovery_give_the_plain_computation(r
     rp = Replayer(fresh, 0)
     for offset, record in enumerate(records):
         rec2.before(0, record, fresh, offset)
-        if rp.feed(record):
-            rec2.applied(0, record)
+        rp.feed(record)
     rec2.finish(0, fresh, len(records))
     assert rp.offset == pos
     assert w2.queues[0][0].start == crashed_at
@@ -389,7 +388,6 @@ async def test_recovery_without_redis_collects_every_user(redis_server):
     record = Record(0, 2000, None, events[-1].ts, events, {}, 0, 0, cfg.fingerprint)
     rec.before(0, record, engine, 0)
     rp.feed(record)
-    rec.applied(0, record)
     rec.finish(0, engine, 1)
     (upd,) = w.queues[0]
     assert upd.start == RESET and upd.end == 1
@@ -568,7 +566,7 @@ async def test_the_token_is_required_and_compared(redis_server, client):
     s = from_mapping({"redis": {"url": redis_server.url, "key_prefix": f"t{uuid.uuid4().hex[:8]}:"}}, "<test>",
                      env={"KPIMON_API_TOKEN": "s3cret-token"})
     w = ServingWriter(s)
-    w.recovered(0, RESET, 0, {}, {})
+    w.recovered(0, RESET, 0, {})
     w.submit(0, 0, 1, {"u1": [START, zone_of(s, "sleeping"), START, "email", 990]})
     await w.flush()
     api = ServingApi(s, client)
