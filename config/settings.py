@@ -84,6 +84,7 @@ ThresholdDuration = Annotated[Duration, _bounded(None, "3660d")]  # > 0 and orde
 PollDuration = Annotated[Duration, _bounded("positive", "1m")]
 TickDuration = Annotated[Duration, _bounded("positive", "1h")]
 SessionDuration = Annotated[Duration, _bounded("positive", "30m")]  # Kafka's group.max.session.timeout.ms
+CheckpointDuration = Annotated[Duration, _bounded("positive", "1d")]
 
 _BROKER_FORM = "expected kafka://host:port, several separated by commas (kafka://h1:9092,h2:9092)"
 
@@ -186,6 +187,11 @@ class Worker(_Model):
     state_dir: Annotated[str, AfterValidator(os.path.expanduser)] = Field(default_factory=_default_state_dir,
                                                                           min_length=1)
     dedup_store: Literal["disk", "memory"] = "disk"  # memory: every id of the horizon in RAM (tests, tools)
+    # Checkpoints of each partition's engine (agents/worker/checkpoints.py): after this much time or this many
+    # state-log records, whichever comes first; off: recovery replays the whole state log, nothing is deleted.
+    checkpoints: bool = True
+    checkpoint_interval: CheckpointDuration = parse_duration("1m")
+    checkpoint_records: int = Field(default=5000, ge=1, le=10_000_000)
 
 
 class Redis(_Model):

@@ -4,10 +4,11 @@ A checkpoint lets recovery start from a recent state and replay only the
 state-log tail after it, instead of the whole history (Kafka Streams'
 changelog-plus-local-store and Flink's checkpoints are the models).  It holds:
 
-* ``position``: the state-log position it covers (the offset after the last
-  record applied), so recovery replays the records from there;
-* ``source_offset``: the input offset those records reached (the consumer seeks
-  there if the tail is empty);
+* ``source_offset``: the input offset the records it covers reached (the
+  ``end`` of the last one): recovery chains the state-log tail on from there;
+  the state-log position it covers is only known once that record is
+  acknowledged, so the commit that makes the checkpoint count carries it
+  (agents/worker/checkpoints.py);
 * ``fingerprint``: the settings the state was computed under
   (``EngineConfig.fingerprint``); a checkpoint under other settings is refused;
 * the engine state: watermark, cursor, open periods and their numbers, every
@@ -63,8 +64,7 @@ class EngineState(msgspec.Struct, array_like=True, gc=False):
 class Checkpoint(msgspec.Struct, array_like=True, gc=False):
     format: int
     partition: int
-    position: int  # state-log position covered: the offset after the last record applied
-    source_offset: int | None  # the input offset the applied records reached
+    source_offset: int | None  # the input offset the applied records reached (the last one's end)
     fingerprint: str
     engine: EngineState
 
@@ -140,9 +140,9 @@ def decode(data: bytes) -> Checkpoint:
     return cp
 
 
-def take(engine: PartitionEngine, partition: int, position: int, source_offset: int | None) -> bytes:
-    """Capture and encode ``engine`` as the state after state-log position ``position``."""
-    return encode(Checkpoint(FORMAT, partition, position, source_offset, engine.cfg.fingerprint, capture(engine)))
+def take(engine: PartitionEngine, partition: int, source_offset: int | None) -> bytes:
+    """Capture and encode ``engine`` as the state after the record that ended at ``source_offset``."""
+    return encode(Checkpoint(FORMAT, partition, source_offset, engine.cfg.fingerprint, capture(engine)))
 
 
 def load(cfg: EngineConfig, data: bytes, partition: int, dedup: DedupStore | None = None

@@ -422,6 +422,15 @@ class PartitionEngine:
                 out[uid] = (k, v & LAST, bool(v & SIGNED), (lpm - 1) * MINUTE if lpm else None)
         return out
 
+    def touch_all(self) -> None:
+        """Mark every user as changed, for the serving layer to rewrite them all (after a restore from a
+        checkpoint, whose users' first-signup details are not part of the engine state)."""
+        touched, lifetime = self.touched, self.lifetime
+        for k, zone in enumerate(self.zones):
+            for uid, v in zone.items():
+                if uid not in touched:
+                    touched[uid] = [v & LAST, k, None, None, lifetime.get(uid, 0)]
+
     def take_touched(self) -> dict[str, list]:
         out, self.touched = self.touched, {}
         return out

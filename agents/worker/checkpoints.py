@@ -17,6 +17,7 @@ intact checkpoint (:func:`deletable`), so there is always one to fall back to.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,7 +25,7 @@ import msgspec
 
 from kpimon.agents.core import checkpoint as cp_codec
 from kpimon.agents.core.checkpoint import Checkpoint, CheckpointError
-from kpimon.agents.core.dedup import DedupStore
+from kpimon.agents.core.dedup import DedupRule, DedupStore
 from kpimon.agents.core.engine import EngineConfig, PartitionEngine
 from kpimon.agents.worker.logread import read_to_end
 
@@ -43,6 +44,9 @@ class Commit(msgspec.Struct, array_like=True):
     size: int
     position: int  # state-log position covered
     first_offset: int  # offset of chunk 0 in the checkpoints partition
+    max_ts: int = 0  # the engine's largest accepted ts when captured: the state log before ``position`` holds
+    #                 no event with a later ts, which bounds what a new dedup store must re-read (:func:`log_floor`)
+    history: list[tuple[int, int]] = []  # (position, max_ts) of earlier checkpoints, one per dedup bucket
     offset: int = -1  # the commit message's own offset (set when read back)
 
 
@@ -54,7 +58,8 @@ def chunks_of(data: bytes) -> list[bytes]:
     return [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
 
 
-async def write(producer, topic: str, partition: int, data: bytes, position: int) -> Commit:
+async def write(producer, topic: str, partition: int, data: bytes, position: int, max_ts: int = 0,
+                history: list[tuple[int, int]] | None = None) -> Commit:
     """Write one encoded checkpoint (chunks, then the commit) and wait for every acknowledgement."""
     digest = cp_codec.digest(data)
     parts = chunks_of(data)
@@ -63,7 +68,7 @@ async def write(producer, topic: str, partition: int, data: bytes, position: int
                                 headers=[(H_DIGEST, digest.encode()), (H_PART, f"{i}/{n}".encode())])
             for i, part in enumerate(parts)]
     metas = [await fut for fut in sent]
-    commit = Commit(digest, n, len(data), position, metas[0].offset)
+    commit = Commit(digest, n, len(data), position, metas[0].offset, max_ts, list(history or []))
     meta = await producer.send_and_wait(topic, _commit_enc.encode(commit), partition=partition,
                                         headers=[(H_DIGEST, digest.encode()), (H_PART, b"commit")])
     commit.offset = meta.offset
@@ -131,21 +136,39 @@ def load_newest(found: Found, cfg: EngineConfig, partition: int, log_start: int,
         except CheckpointError as err:
             log.warning("checkpoint refused for partition %d: %s; trying an older one", partition, err)
             continue
-        if cp.position != commit.position:
-            log.warning("checkpoint %s of partition %d: position %d differs from its commit's %d; trying an older "
-                        "one", commit.digest[:12], partition, cp.position, commit.position)
-            continue
         return cp, engine, commit
     return None
 
 
-def deletable(commits: list[Commit]) -> tuple[int, int] | None:
-    """(state-log offset, checkpoints offset) before which records may be deleted, keeping the newest
-    two checkpoints (the newest, and one to fall back to); None while there are fewer than two."""
+def history_after(commit: Commit, rule: DedupRule, wm: int) -> list[tuple[int, int]]:
+    """The history the next checkpoint carries: this one's, plus this one, one entry per dedup bucket
+    still remembered at ``wm`` (the latest checkpoint of each), and the latest of those already forgotten."""
+    keep = rule.first_kept(wm)
+    out: dict[int, tuple[int, int]] = {}
+    for position, max_ts in [*commit.history, (commit.position, commit.max_ts)]:
+        out[max(rule.bucket(max_ts), keep - 1)] = (position, max_ts)  # forgotten buckets share one entry
+    return sorted(out.values())
+
+
+def log_floor(commit: Commit, rule: DedupRule, wm: int) -> int:
+    """The first state-log position a new dedup store still needs at watermark ``wm``: every record before
+    it holds only ids the rule has forgotten (events with ts at most a checkpoint's max_ts)."""
+    keep = rule.first_kept(wm)
+    floor = 0
+    for position, max_ts in [*commit.history, (commit.position, commit.max_ts)]:
+        if rule.bucket(max_ts) < keep:
+            floor = max(floor, position)
+    return floor
+
+
+def deletable(commits: list[Commit], rule: DedupRule, wm: int) -> tuple[int, int] | None:
+    """(state-log offset, checkpoints offset) before which records may be deleted; None while there are
+    fewer than two checkpoints.  The newest two stay loadable (the newest, and one to fall back to), and the
+    state log keeps what a new machine's dedup store needs (:func:`log_floor`)."""
     if len(commits) < 2:
         return None
     previous = commits[-2]
-    return previous.position, previous.first_offset
+    return min(previous.position, log_floor(commits[-1], rule, wm)), previous.first_offset
 
 
 async def read(bootstrap: str, topic: str, partition: int) -> Found:
@@ -168,3 +191,77 @@ async def delete_before(bootstrap: str, offsets: dict[tuple[str, int], int]) -> 
                                     if off > 0}, timeout_ms=30_000)
     finally:
         await admin.close()
+
+
+class Checkpointer:
+    """The worker's checkpoint schedule per partition, the writes, and the deletions they allow."""
+
+    def __init__(self, settings, topics, rule: DedupRule) -> None:
+        w = settings.worker
+        self.enabled = bool(w.checkpoints)
+        self.every_records = w.checkpoint_records
+        self.every_s = w.checkpoint_interval / 1000
+        self.bootstrap = settings.kafka.bootstrap
+        self.topics = topics
+        self.rule = rule
+        self.commits: dict[int, list[Commit]] = {}  # per partition: the intact checkpoints kept, oldest first
+        self._since: dict[int, tuple[int, float]] = {}  # per partition: records since the last one, and when
+        self._deleted: dict[tuple[str, int], int] = {}
+        self._delete_failed = False
+
+    async def load(self, partitions: list[int]) -> tuple[dict[int, Found], dict[int, int]]:
+        """Every checkpoint of ``partitions``, and where their state logs start now."""
+        from kpimon.agents.worker.logread import log_starts
+
+        if not self.enabled:
+            return {}, {}  # nothing is deleted then; a log truncated anyway is refused on its first record
+        found = {p: await read(self.bootstrap, self.topics.checkpoints, p) for p in partitions}
+        return found, await log_starts(self.bootstrap, self.topics.state_log, partitions)
+
+    def resume(self, p: int, base: Commit | None, found: Found | None) -> None:
+        """Partition ``p`` was recovered from ``base`` (or from the log's beginning): keep it and the older
+        ones as the checkpoints to fall back to; newer ones, refused, are not kept."""
+        kept = [] if base is None or found is None else [c for c in found.commits if c.offset <= base.offset]
+        self.commits[p] = kept[-2:]
+        self._since[p] = (0, time.monotonic())
+
+    def forget(self, p: int) -> None:
+        self.commits.pop(p, None)
+        self._since.pop(p, None)
+
+    def due(self, p: int, records: int) -> bool:
+        """Count ``records`` new state-log records of ``p``; whether a checkpoint is due now (then restart)."""
+        if not self.enabled or p not in self._since:
+            return False
+        n, since = self._since[p]
+        n += records
+        now = time.monotonic()
+        if n >= self.every_records or now - since >= self.every_s:
+            self._since[p] = (0, now)
+            return True
+        self._since[p] = (n, since)
+        return False
+
+    async def write(self, producer, p: int, data: bytes, position: int, max_ts: int, wm: int) -> Commit:
+        """Write a checkpoint of ``p`` covering state-log ``position``, then delete what it made redundant."""
+        kept = self.commits.setdefault(p, [])
+        history = history_after(kept[-1], self.rule, wm) if kept else []
+        commit = await write(producer, self.topics.checkpoints, p, data, position, max_ts, history)
+        kept.append(commit)
+        del kept[:-2]
+        log.info("checkpoint of partition %d at state-log position %d: %d bytes in %d chunks", p, position,
+                 commit.size, commit.chunks)
+        cut = deletable(kept, self.rule, wm)
+        if cut is not None:
+            wanted = {(self.topics.state_log, p): cut[0], (self.topics.checkpoints, p): cut[1]}
+            todo = {tp: off for tp, off in wanted.items() if off > self._deleted.get(tp, 0)}
+            if todo and not self._delete_failed:
+                try:
+                    await delete_before(self.bootstrap, todo)
+                    self._deleted.update(todo)
+                except Exception as err:  # noqa: BLE001 - a broker without DeleteRecords keeps everything: say so
+                    self._delete_failed = True
+                    log.warning("cannot delete state-log records before checkpoints (%s: %s): the state log and "
+                                "the checkpoints topic keep growing; recovery still starts from the newest "
+                                "checkpoint", type(err).__name__, err)
+        return commit

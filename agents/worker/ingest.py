@@ -29,13 +29,15 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from kpimon.agents.core import checkpoint
 from kpimon.agents.core.batch import Batch, Record, Tally, process_messages
 from kpimon.agents.core.batch import encode as encode_record
-from kpimon.agents.core.dedup import DedupStore, MemoryDedup
+from kpimon.agents.core.dedup import DedupRule, DedupStore, MemoryDedup
 from kpimon.agents.core.engine import EngineConfig, PartitionEngine
 from kpimon.agents.core.step import message_key, partition_outputs
 from kpimon.agents.metrics.exporter import KpimonMetrics
 from kpimon.agents.worker import recovery
+from kpimon.agents.worker.checkpoints import Checkpointer
 from kpimon.streams import admin
 from kpimon.streams import topics as wire
 from kpimon.streams.events import Decoder
@@ -100,6 +102,8 @@ class IngestService:
         self.batches = 0
         self._inflight: asyncio.Future | None = None
         self.fatal: BaseException | None = None  # a failure in a rebalance callback
+        # Checkpoints of the engines (agents/worker/checkpoints.py): bounded recovery and state log.
+        self.checkpointer = Checkpointer(settings, self.topics, DedupRule(self.cfg.dedup_horizon))
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -221,8 +225,15 @@ class IngestService:
             return await self.settle()
         touched = dict.fromkeys(p for p, _ in results)
         derived = {p: self._derived(p) for p in touched}
+        # Checkpoints due: captured now, consistent with the last record of each partition in this poll (the
+        # next poll changes the engines while these writes are in flight); written once those are durable.
+        counts: dict[int, int] = {}
+        for p, _ in results:
+            counts[p] = counts.get(p, 0) + 1
+        snaps = {p: (checkpoint.take(self.engines[p], p, offsets.get(p)), self.engines[p].max_ts)
+                 for p, n in counts.items() if self.checkpointer.due(p, n)}
         commit = await self.settle()
-        self._inflight = asyncio.ensure_future(self._write(results, derived, serving, seals))
+        self._inflight = asyncio.ensure_future(self._write(results, derived, serving, seals, snaps))
         return commit
 
     @staticmethod
@@ -278,7 +289,8 @@ class IngestService:
 
     async def _write(self, results: list[tuple[int, Batch]], derived: dict[int, tuple],
                      serving: list[dict] | None = None,
-                     seals: list[int | None] | None = None) -> dict[TopicPartition, int]:
+                     seals: list[int | None] | None = None,
+                     snaps: dict[int, tuple[bytes, int]] | None = None) -> dict[TopicPartition, int]:
         t = self.topics
         side = []
         for p, out in results:
@@ -326,6 +338,13 @@ class IngestService:
         if self.metrics is not None:
             for _, transitions in derived.values():
                 self.metrics.observe_transitions(transitions)
+        if snaps:
+            # Everything the checkpointed state produced is out: the checkpoints may now count.
+            positions = {p: ack.offset + 1 for (p, _), ack in zip(results, acks)}
+            for p, (data, max_ts) in snaps.items():
+                engine = self.engines.get(p)
+                if engine is not None and self.producer is not None:
+                    await self.checkpointer.write(self.producer, p, data, positions[p], max_ts, engine.wm)
         self.batches += 1
         ends: dict[int, int] = {}
         for p, out in results:
@@ -338,6 +357,7 @@ class IngestService:
             await self.settle()  # the next owner must find our last records in the log
             self._close_stores(partitions)
             for p in partitions:
+                self.checkpointer.forget(p)
                 self.engines.pop(p, None)
                 self.offsets.pop(p, None)
                 self.log_pos.pop(p, None)
@@ -353,13 +373,15 @@ class IngestService:
         async with self._lock:
             started = time.monotonic()
             self._close_stores([p for p in partitions if p in self.engines])  # assigned again: reopened below
+            found, starts = await self.checkpointer.load(partitions)
             rebuilt = await recovery.replay_partitions(self.cfg, self.read_log, partitions, self.serving,
-                                                       stores=self._open_store)
+                                                       stores=self._open_store, found=found, starts=starts)
             assert self.consumer is not None
             for p, rec in rebuilt.items():
                 engine = rec.engine
                 engine.outbox = rec.last_outbox  # re-published below: idempotent downstream
                 self.engines[p] = engine
+                self.checkpointer.resume(p, rec.base, found.get(p))
                 tp = TopicPartition(self.topics.events, p)
                 if rec.offset is None:
                     await self.consumer.seek_to_beginning(tp)
@@ -388,7 +410,8 @@ class IngestService:
 
     async def replay_users(self, partition: int) -> tuple[dict[str, list], int]:
         """Every user of ``partition`` from a fresh replay of the state log (the serving layer's repair)."""
-        return await recovery.replay_users(self.cfg, self.read_log, partition)
+        found, starts = await self.checkpointer.load([partition])
+        return await recovery.replay_users(self.cfg, self.read_log, partition, found, starts)
 
     def owned_engines(self) -> list[PartitionEngine]:
         return list(self.engines.values())

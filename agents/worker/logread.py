@@ -40,3 +40,16 @@ async def read_to_end(bootstrap: str, topic: str, partitions: list[int],
                     break
     finally:
         await reader.stop()
+
+
+async def log_starts(bootstrap: str, topic: str, partitions: list[int]) -> dict[int, int]:
+    """Each partition's first offset (above 0 once records before it were deleted)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await reader.start()
+    try:
+        firsts = await reader.beginning_offsets([TopicPartition(topic, p) for p in partitions])
+        return {tp.partition: off for tp, off in firsts.items()}
+    finally:
+        await reader.stop()

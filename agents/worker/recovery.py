@@ -39,6 +39,8 @@ from kpimon.agents.core.dedup import DedupStore
 from kpimon.agents.core.engine import Closed, EngineConfig, PartitionEngine
 from kpimon.agents.serving.lua import FORCE, RESET
 from kpimon.agents.serving.writer import ServingWriter
+from kpimon.agents.worker.checkpoints import Commit, Found, load_newest
+from kpimon.agents.worker.logread import read_to_end
 from kpimon.errors import KpimonError
 
 log = logging.getLogger("kpimon.recovery")
@@ -87,6 +89,7 @@ class Recovered:
     applied: int
     skipped: int
     last_outbox: list[Closed] = field(default_factory=list)  # what the last applied record closed
+    base: Commit | None = None  # the checkpoint the replay started from (None: the log's beginning)
 
 
 StoreFactory = Callable[[int], DedupStore]
@@ -94,7 +97,10 @@ StoreFactory = Callable[[int], DedupStore]
 
 async def replay_partitions(cfg: EngineConfig, read: LogReader, partitions: list[int],
                             serving: ServingWriter | None = None,
-                            stores: StoreFactory | None = None) -> dict[int, Recovered]:
+                            stores: StoreFactory | None = None,
+                            found: dict[int, Found] | None = None,
+                            starts: dict[int, int] | None = None,
+                            track_users: bool = False) -> dict[int, Recovered]:
     """Rebuild the engines of ``partitions`` from the state log (and the serving layer's users, if given).
 
     The last applied record's closed periods are kept in ``last_outbox``: they
@@ -108,10 +114,18 @@ async def replay_partitions(cfg: EngineConfig, read: LogReader, partitions: list
     log (its position is beyond the log's end, or the record before its
     position is not the one it committed) is wiped and the partition replayed
     again.  At the end each store commits the state-log position reached.
+
+    ``found`` holds each partition's checkpoints (agents/worker/checkpoints.py):
+    the newest intact one is restored and only the state-log records from its
+    position on are applied; the records before it only bring their ids to a
+    dedup store that lacks them.  ``starts`` is each partition's state-log
+    start offset: a log whose first records were deleted needs a checkpoint
+    covering them, or recovery refuses (:class:`StateLogError`) -- it never
+    starts from an empty state.
     """
     opened = {p: stores(p) for p in partitions} if stores is not None else {}
     try:
-        out = await _replay(cfg, read, partitions, serving, opened)
+        out = await _replay(cfg, read, partitions, serving, opened, found or {}, starts or {}, track_users)
     except BaseException:
         for store in opened.values():
             _close(store)
@@ -126,19 +140,20 @@ def _close(store: DedupStore) -> None:
 
 
 async def _replay(cfg: EngineConfig, read: LogReader, partitions: list[int], serving: ServingWriter | None,
-                  opened: dict[int, DedupStore]) -> dict[int, Recovered]:
+                  opened: dict[int, DedupStore], found: dict[int, Found], starts: dict[int, int],
+                  track_users: bool) -> dict[int, Recovered]:
     tracking = await ServingRecovery.begin(serving, partitions) if serving is not None else None
-    done, stale = await _pass(cfg, read, partitions, tracking, opened)
+    done, stale = await _pass(cfg, read, partitions, tracking, opened, found, starts, track_users)
     if stale:
         for p in stale:
             log.warning("dedup store of partition %d does not match the state log: rebuilding it", p)
             opened[p].wipe()  # type: ignore[attr-defined]
         tracking = await ServingRecovery.begin(serving, stale) if serving is not None else None
-        again, _ = await _pass(cfg, read, stale, tracking, opened)
+        again, _ = await _pass(cfg, read, stale, tracking, opened, found, starts, track_users)
         done.update(again)
     out = {}
     for p in partitions:
-        rp, last_outbox, log_end, last_end = done[p]
+        rp, last_outbox, log_end, last_end, base = done[p]
         engine = rp.engine
         engine.outbox = []
         engine.transitions.clear()
@@ -146,21 +161,57 @@ async def _replay(cfg: EngineConfig, read: LogReader, partitions: list[int], ser
         if store is not None and hasattr(store, "commit"):
             store.replaying = False  # type: ignore[attr-defined]
             store.commit(log_end, check=last_end)
-        out[p] = Recovered(engine, rp.offset, log_end, rp.applied, rp.skipped, last_outbox)
+        out[p] = Recovered(engine, rp.offset, log_end, rp.applied, rp.skipped, last_outbox, base)
     return out
 
 
+def _ids_only(engine: PartitionEngine, record: Record) -> None:
+    """Bring a record's still-remembered event ids to the engine's dedup store, without applying the events."""
+    store = engine.dedup_store
+    keep = store.rule.first_kept(engine.wm)
+    fresh = [ev for ev in record.events if store.rule.bucket(ev.ts) >= keep]
+    if fresh:
+        store.add([ev.event_id for ev in fresh], [ev.ts for ev in fresh])
+
+
 COMMIT_EVERY = 200_000  # ids staged while replaying before they are committed (bounds recovery's memory)
-Replayed = tuple[Replayer, list[Closed], int, int | None]  # replayer, last outbox, log end, last record's end
+# replayer, last outbox, log end, last record's end, the checkpoint it started from
+Replayed = tuple[Replayer, list[Closed], int, int | None, Commit | None]
 
 
 async def _pass(cfg: EngineConfig, read: LogReader, partitions: list[int], tracking: ServingRecovery | None,
-                opened: dict[int, DedupStore]) -> tuple[dict[int, Replayed], list[int]]:
+                opened: dict[int, DedupStore], found: dict[int, Found], starts: dict[int, int],
+                track_users: bool = False) -> tuple[dict[int, Replayed], list[int]]:
     """One replay of ``partitions``.  Also returns the partitions whose dedup store on disk does not match
     the log (stale: their replay is to be discarded and done again with the store wiped)."""
-    replayers = {p: Replayer(PartitionEngine(cfg, dedup=opened.get(p)), p) for p in partitions}
+    replayers: dict[int, Replayer] = {}
+    bases: dict[int, Commit] = {}
+    for p in partitions:
+        start = starts.get(p, 0)
+        loaded = None
+        if p in found:
+            loaded = load_newest(found[p], cfg, p, start, dedup=lambda p=p: opened.get(p))  # type: ignore[misc]
+        if loaded is None:
+            if start > 0:
+                raise StateLogError(
+                    f"state log partition {p} starts at offset {start} and no intact checkpoint covers the records "
+                    "before it: the partition's state cannot be rebuilt. Restore the checkpoints topic, or start "
+                    "fresh under a new worker.app_id / kafka.topic_prefix and backfill.")
+            replayers[p] = Replayer(PartitionEngine(cfg, dedup=opened.get(p)), p)
+            replayers[p].engine.track_users = track_users
+            continue
+        cp, engine, commit = loaded
+        engine.track_users = track_users
+        engine.dedup_store.expire(engine.wm)
+        rp = replayers[p] = Replayer(engine, p)
+        rp.offset = cp.source_offset
+        bases[p] = commit
+        if tracking is not None:
+            tracking.restored(p, engine, commit.position)
+        log.info("partition %d: checkpoint %s at state-log position %d restored (%d users)", p,
+                 commit.digest[:12], commit.position, engine.user_count())
     last_outbox: dict[int, list[Closed]] = {p: [] for p in partitions}
-    log_end = dict.fromkeys(partitions, 0)
+    log_end = {p: bases[p].position if p in bases else starts.get(p, 0) for p in partitions}
     last_end: dict[int, int | None] = dict.fromkeys(partitions)
     # Stores on disk: the state-log position they hold the ids up to, and the record end they committed with.
     disk: dict[int, tuple[int, int | None]] = {}
@@ -171,9 +222,12 @@ async def _pass(cfg: EngineConfig, read: LogReader, partitions: list[int], track
             if store.position is not None:  # type: ignore[attr-defined]
                 disk[p] = (store.position, store.check)  # type: ignore[attr-defined]
     stale: set[int] = set()
+    n = 0
     async for p, offset, record in read(partitions):
+        n += 1
+        if n % 8 == 0:
+            await asyncio.sleep(0)  # a rebuild beside a running stream lets it go on
         rp = replayers[p]
-        log_end[p] = offset + 1
         last_end[p] = record.end
         store = opened.get(p)
         at = disk.get(p)
@@ -182,6 +236,23 @@ async def _pass(cfg: EngineConfig, read: LogReader, partitions: list[int], track
             store.replaying = offset < position  # type: ignore[union-attr]
             if offset == position - 1 and check is not None and record.end != check:
                 stale.add(p)  # not the record the store committed with: another incarnation of the log
+        base = bases.get(p)
+        if base is None and rp.offset is None and rp.applied == 0 and offset > starts.get(p, 0):
+            raise StateLogError(
+                f"state log partition {p} starts at offset {offset}: records were deleted and no checkpoint "
+                "covers them, so the partition's state cannot be rebuilt. Start fresh under a new worker.app_id "
+                "/ kafka.topic_prefix and backfill.")
+        if base is not None and offset < base.position:
+            # Before the checkpoint: the engine has it all; a store that lacks these ids gets them.
+            if store is not None and not getattr(store, "replaying", False):
+                _ids_only(rp.engine, record)
+            if offset == base.position - 1 and record.end != rp.offset:
+                raise StateLogError(
+                    f"checkpoint {base.digest[:12]} of partition {p} covers up to source offset {rp.offset}, but "
+                    f"the state-log record before its position {base.position} ends at {record.end}: the "
+                    "checkpoint does not belong to this state log")
+            continue
+        log_end[p] = offset + 1
         if tracking is not None:
             tracking.before(p, record, rp.engine, offset)
         if rp.feed(record):
@@ -196,27 +267,22 @@ async def _pass(cfg: EngineConfig, read: LogReader, partitions: list[int], track
         for p in partitions:
             if p not in stale:
                 tracking.finish(p, replayers[p].engine, log_end[p])
-    done = {p: (replayers[p], last_outbox[p], log_end[p], last_end[p]) for p in partitions}
+    done = {p: (replayers[p], last_outbox[p], log_end[p], last_end[p], bases.get(p)) for p in partitions}
     return done, sorted(stale)
 
 
-async def replay_users(cfg: EngineConfig, read: LogReader, p: int) -> tuple[dict[str, list], int]:
-    """Every user of partition ``p`` as of the end of its state log, from a fresh replay (data-loss repair).
+async def replay_users(cfg: EngineConfig, read: LogReader, p: int, found: dict[int, Found] | None = None,
+                       starts: dict[int, int] | None = None) -> tuple[dict[str, list], int]:
+    """Every user of partition ``p`` as of the end of its state log, from a fresh replay (data-loss repair):
+    the newest checkpoint if there is one, then the log after it.
 
-    Returns the engine's touched users (lifetime revenue included) and the
-    state-log position reached.
+    Returns the engine's records of every user (lifetime revenue included; the
+    first signup's details for the signups replayed) and the state-log
+    position reached.
     """
-    engine = PartitionEngine(cfg)
-    engine.track_users = True
-    rp = Replayer(engine, p)
-    n = end = 0
-    async for _, offset, record in read([p]):
-        rp.feed(record)
-        end = offset + 1
-        n += 1
-        if n % 8 == 0:
-            await asyncio.sleep(0)  # the live stream keeps going meanwhile
-    return engine.take_touched(), end
+    rec = (await replay_partitions(cfg, read, [p], found=found, starts=starts, track_users=True))[p]
+    rec.engine.touch_all()
+    return rec.engine.take_touched(), rec.log_end
 
 
 class ServingRecovery:
@@ -244,6 +310,13 @@ class ServingRecovery:
     def stored(self, p: int) -> int | None:
         return None if self.known is None else self.known.get(p)
 
+    def restored(self, p: int, engine: PartitionEngine, position: int) -> None:
+        """``engine`` was restored from a checkpoint at state-log ``position``: if the stored position is
+        older (or unknown), the records in between are not replayed, so every user is rewritten."""
+        stored = self.stored(p)
+        if stored is None or stored < position:
+            engine.touch_all()
+
     def before(self, p: int, record: Record, engine: PartitionEngine, offset: int) -> None:
         """``record`` (at state-log ``offset``) is about to be replayed."""
         stored = self.stored(p)
@@ -268,36 +341,8 @@ class ServingRecovery:
 async def read_log(bootstrap: str, topic: str, partitions: list[int]) -> AsyncIterator[tuple[int, int, Record]]:
     """Yield (partition, state-log offset, Record) for every record of ``partitions`` of ``topic``, in order.
 
-    Refuses a log whose first records were deleted (retention): the partition's
-    state could not be rebuilt from it.
+    A log whose first records were deleted is read from where it starts; whether
+    a checkpoint covers what is missing is :func:`replay_partitions`' call.
     """
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    tps = [TopicPartition(topic, p) for p in partitions]
-    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                              auto_offset_reset="earliest", max_partition_fetch_bytes=32 * 1024 * 1024,
-                              fetch_max_bytes=64 * 1024 * 1024)
-    await reader.start()
-    try:
-        reader.assign(tps)
-        await reader.seek_to_beginning(*tps)
-        ends = await reader.end_offsets(tps)
-        for tp, first in (await reader.beginning_offsets(tps)).items():
-            if first > 0:
-                raise StateLogError(
-                    f"state log {tp.topic}[{tp.partition}] starts at offset {first}: records were deleted "
-                    "(retention), so the partition's state cannot be rebuilt. Set retention.ms=-1 on the "
-                    "state log and backfill into a fresh deployment.")
-        # Read to the end offsets, then until a poll comes back empty: some
-        # brokers (Tansu) under-report the end offset.
-        while True:
-            got = await reader.getmany(timeout_ms=200, max_records=20000)
-            for tp, msgs in got.items():
-                for msg in msgs:
-                    yield tp.partition, msg.offset, decode(msg.value)
-            if not got:
-                positions = [await reader.position(tp) for tp in tps]
-                if all(pos >= ends[tp] for pos, tp in zip(positions, tps)):
-                    break
-    finally:
-        await reader.stop()
+    async for p, msg in read_to_end(bootstrap, topic, partitions):
+        yield p, msg.offset, decode(msg.value)

@@ -35,9 +35,9 @@ def test_restored_engine_continues_like_the_original(events, tz, cut, batch_size
     records = run_pipeline(to_lines(events), s, 1, until, batch_size=batch_size).records[0]
     k = int(cut * len(records))
     original, _, _ = replay_records(records[:k], s)
-    data = checkpoint.take(original, 0, k, records[k - 1].end if k else None)
+    data = checkpoint.take(original, 0, records[k - 1].end if k else None)
     cp, restored = checkpoint.load(original.cfg, data, 0, dedup=original.dedup_store)
-    assert (cp.position, cp.partition) == (k, 0)
+    assert (cp.source_offset, cp.partition) == (records[k - 1].end if k else None, 0)
     assert engine_state(restored) == engine_state(original)
     # Twins from here: the rest of the log, then new inputs, give the same state and outputs.
     twin, _, _ = replay_records(records[:k], s)
@@ -63,7 +63,7 @@ def _some_checkpoint() -> tuple[EngineConfig, bytes]:
              b'{"event_id":"b","user_id":"u1","type":"purchase","ts":1704070800000,"amount":"9.99"}']
     run = run_pipeline(lines, s, 1, 1704067200000 + 3 * DAY)
     engine, _, _ = replay_records(run.records[0], s)
-    return engine.cfg, checkpoint.take(engine, 0, len(run.records[0]), run.records[0][-1].end)
+    return engine.cfg, checkpoint.take(engine, 0, run.records[0][-1].end)
 
 
 @pytest.mark.parametrize(("damage", "message"), [
@@ -92,7 +92,7 @@ def test_a_checkpoint_of_another_partition_or_other_settings_is_refused() -> Non
 
 def test_a_fresh_engine_round_trips() -> None:
     engine = PartitionEngine(EngineConfig.from_settings(settings_factory()))
-    _, restored = checkpoint.load(engine.cfg, checkpoint.take(engine, 3, 0, None), 3)
+    _, restored = checkpoint.load(engine.cfg, checkpoint.take(engine, 3, None), 3)
     assert engine_state(restored) == engine_state(engine)
 
 
@@ -109,7 +109,7 @@ def test_buffered_events_users_and_open_periods_survive() -> None:
     late_ts = t0 + 40 * DAY + 1000
     engine.offer(dec.decode(b'{"event_id":"w","user_id":"u0","type":"login","ts":%d}' % late_ts))
     assert engine.buffered() and len({z for z, *_ in engine.users_state().values()}) > 2
-    _, restored = checkpoint.load(engine.cfg, checkpoint.take(engine, 0, 41, 41), 0, dedup=engine.dedup_store)
+    _, restored = checkpoint.load(engine.cfg, checkpoint.take(engine, 0, 41), 0, dedup=engine.dedup_store)
     assert engine_state(restored) == engine_state(engine)
     assert [ev.event_id for ev in restored.buffered()] == ["w"]
     for eng in (engine, restored):

@@ -462,6 +462,7 @@ def _live_service(settings, producer: _FakeProducer, registry=None):
                 yield p, offset, decode_record(value)
 
     svc.read_log = read_log
+    svc.checkpointer.enabled = False  # the fake producer keeps the state log only
     return svc
 
 

@@ -1,0 +1,55 @@
+"""The checkpoint bookkeeping: which state-log records a new machine's dedup store still needs, what may go."""
+
+from __future__ import annotations
+
+import pytest
+
+from kpimon.agents.core.dedup import BUCKET_MS, DedupRule
+from kpimon.agents.worker.checkpoints import Commit, deletable, history_after, log_floor
+
+H = BUCKET_MS
+DAY = 24 * H
+
+
+def commit(position: int, max_ts: int, history=(), first_offset: int = 0) -> Commit:
+    return Commit("ab" * 32, 1, 10, position, first_offset, max_ts, list(history))
+
+
+@pytest.mark.parametrize(("history", "newest", "wm", "floor"), [
+    # Nothing forgotten yet: the whole log is needed.
+    ([], (100, 10 * H), 10 * H, 0),
+    # A 7-day horizon: at wm = 8 days the buckets before day 1 are forgotten.
+    ([(50, 5 * H), (80, 23 * H)], (100, 2 * DAY), 8 * DAY, 80),
+    # The newest checkpoint's own max_ts forgotten too: the log before it is not needed for dedup.
+    ([(50, 5 * H)], (100, 10 * H), 30 * DAY, 100),
+    # A bucket still remembered stops the floor there, whatever comes later.
+    ([(50, 5 * H), (80, 7 * DAY + 1)], (100, 7 * DAY + 2), 8 * DAY, 50),
+])
+def test_log_floor(history, newest, wm, floor) -> None:
+    assert log_floor(commit(*newest, history=history), DedupRule(7 * DAY), wm) == floor
+
+
+def test_history_keeps_one_checkpoint_per_bucket_the_latest() -> None:
+    c = commit(300, 3 * H + 5, history=[(100, 2 * H + 1), (200, 2 * H + 3), (250, 3 * H)])
+    assert history_after(c, DedupRule(7 * DAY), 0) == [(200, 2 * H + 3), (300, 3 * H + 5)]
+
+
+def test_history_stays_small_forgotten_buckets_share_one_entry() -> None:
+    rule = DedupRule(DAY)
+    c = commit(0, 0)
+    for i in range(1, 24 * 30):  # a month of hourly checkpoints
+        c = commit(i * 10, i * H, history=history_after(c, rule, i * H))
+    assert len(c.history) <= 26  # one day of buckets, plus the latest forgotten one
+    floor = log_floor(c, rule, c.max_ts)
+    assert floor == max(pos for pos, ts in c.history if rule.bucket(ts) < rule.first_kept(c.max_ts))
+
+
+def test_deletable_keeps_the_previous_checkpoint_and_the_dedup_horizon() -> None:
+    rule = DedupRule(7 * DAY)
+    old = commit(100, 1 * H, first_offset=10)
+    new = commit(200, 9 * DAY, history=[(100, 1 * H)], first_offset=20)
+    assert deletable([new], rule, 9 * DAY) is None  # one checkpoint: nothing to fall back to if deleted
+    # wm 9 days: ids of the first hours are forgotten, so the log before the previous checkpoint may go.
+    assert deletable([old, new], rule, 9 * DAY) == (100, 10)
+    # wm 2 days: they are still remembered: the state log is kept whole, old checkpoints may still go.
+    assert deletable([old, new], rule, 2 * DAY) == (0, 10)
