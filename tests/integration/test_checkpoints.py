@@ -54,13 +54,19 @@ def history():
     return lines, until_after(lines, days=100)
 
 
-def test_truncated_log_sigkill_and_restart_give_the_identical_report(kafka, pipeline_factory, history) -> None:
+def _checkpointing(kafka, pipeline_factory, history, partitions: int):
+    """A deployment with the history produced that checkpoints every few records, and its first worker."""
     lines, until = history
-    p = pipeline_factory(kafka.bootstrap, partitions=2,
+    p = pipeline_factory(kafka.bootstrap, partitions=partitions,
                          worker={"batch_max_records": 200, "checkpoint_records": 8, "checkpoint_interval": "2s"})
     p.produce(lines)
     p.mark(until)
-    first = p.start_worker()
+    return p, p.start_worker()
+
+
+def test_truncated_log_sigkill_and_restart_give_the_identical_report(kafka, pipeline_factory, history) -> None:
+    lines, until = history
+    p, first = _checkpointing(kafka, pipeline_factory, history, 2)
     # Run until the state log was really cut (records deleted before a checkpoint), then SIGKILL.
     _wait(lambda: min(_offsets(kafka.bootstrap, p.topics.state_log, 2)[0]) > 0, first, p)
     p.kill(first)
@@ -94,11 +100,7 @@ async def _append_torn_commit(bootstrap: str, topic: str, partition: int, positi
 
 def test_a_corrupted_checkpoint_falls_back_and_lost_ones_are_refused(kafka, pipeline_factory, history) -> None:
     lines, until = history
-    p = pipeline_factory(kafka.bootstrap, partitions=1,
-                         worker={"batch_max_records": 200, "checkpoint_records": 8, "checkpoint_interval": "2s"})
-    p.produce(lines)
-    p.mark(until)
-    first = p.start_worker()
+    p, first = _checkpointing(kafka, pipeline_factory, history, 1)
     _report_equals_reference(p, lines, until)
     _wait(lambda: _offsets(kafka.bootstrap, p.topics.state_log, 1)[0][0] > 0, first, p)
     p.kill(first)
