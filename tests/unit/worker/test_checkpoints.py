@@ -53,3 +53,50 @@ def test_deletable_keeps_the_previous_checkpoint_and_the_dedup_horizon() -> None
     assert deletable([old, new], rule, 9 * DAY) == (100, 10)
     # wm 2 days: they are still remembered: the state log is kept whole, old checkpoints may still go.
     assert deletable([old, new], rule, 2 * DAY) == (0, 10)
+
+
+class _Settings:
+    """The settings the Checkpointer reads."""
+
+    def __init__(self, **worker) -> None:
+        from types import SimpleNamespace
+
+        w = {"checkpoints": True, "checkpoint_records": 3, "checkpoint_interval": 3_600_000, **worker}
+        self.worker = SimpleNamespace(**w)
+        self.kafka = SimpleNamespace(bootstrap="127.0.0.1:9")
+
+
+def test_a_checkpoint_is_due_after_n_records_or_t_seconds(monkeypatch) -> None:
+    from kpimon.agents.worker import checkpoints as mod
+    from kpimon.streams.topics import Topics
+
+    now = [1000.0]
+    monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])
+    ck = mod.Checkpointer(_Settings(), Topics("t.", "app"), DedupRule(DAY))
+    assert not ck.due(0, 5)  # a partition not recovered here yet
+    ck.resume(0, None, None)
+    assert [ck.due(0, 1) for _ in range(7)] == [False, False, True, False, False, True, False]
+    assert ck.due(0, 10)  # many records at once
+    now[0] += 3601  # the interval passed with a single record
+    assert ck.due(0, 1) and not ck.due(0, 1)
+    ck.forget(0)
+    assert not ck.due(0, 100)
+    off = mod.Checkpointer(_Settings(checkpoints=False), Topics("t.", "app"), DedupRule(DAY))
+    off.resume(0, None, None)
+    assert not off.due(0, 100)
+
+
+def test_resume_keeps_the_loaded_checkpoint_and_older_ones_not_refused_newer_ones() -> None:
+    from kpimon.agents.worker.checkpoints import Checkpointer, Found
+    from kpimon.streams.topics import Topics
+
+    found = Found()
+    for i, pos in enumerate((100, 200, 300, 400)):
+        c = commit(pos, pos)
+        c.offset = i * 10
+        found.commits.append(c)
+    ck = Checkpointer(_Settings(), Topics("t.", "app"), DedupRule(DAY))
+    ck.resume(0, found.commits[2], found)  # the newest (400) was refused: 300 was loaded
+    assert [c.position for c in ck.commits[0]] == [200, 300]
+    ck.resume(1, None, found)  # recovered from the log's beginning: nothing to fall back to yet
+    assert ck.commits[1] == []
