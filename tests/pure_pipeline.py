@@ -240,7 +240,8 @@ def engine_state(engine: PartitionEngine) -> dict[str, Any]:
         "users": dict(sorted(engine.users_state().items())),
         "zones": [list(z.items()) for z in engine.zones],
         "lifetime": dict(sorted(engine.lifetime.items())),
-        "buffer": sorted((ev.ts, ev.event_id) for ev in engine.buffered()),
+        "pending": engine.pending_state(),
+        "pending_signups": sorted(engine.pending_signups.items()),
         "dedup": dict(sorted(engine.dedup.items())),
         "open": [(p.grain, p.label, m.to_wire()) for p, m in engine.open_metrics()],
     }

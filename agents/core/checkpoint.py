@@ -13,7 +13,7 @@ changelog-plus-local-store and Flink's checkpoints are the models).  It holds:
   (``EngineConfig.fingerprint``); a checkpoint under other settings is refused;
 * the engine state: watermark, cursor, open periods and their numbers, every
   user's packed state in zone order, lifetime revenue per paying user, the
-  reorder buffer, the totals.
+  events waiting for the watermark (per user), the totals.
 
 The dedup store is not in it: it lives on local disk and records its own
 position (agents/core/dedup.py, agents/worker/dedup_store.py).
@@ -26,20 +26,19 @@ whose hash, format version or structure do not check out
 from __future__ import annotations
 
 import hashlib
-from heapq import heapify
 
 import msgspec
 
 from kpimon.agents.core.dedup import DedupStore
-from kpimon.agents.core.engine import PURCHASE_SHIFT, Closed, EngineConfig, PartitionEngine, Totals
+from kpimon.agents.core.engine import PURCHASE_SHIFT, TS_SHIFT, Closed, EngineConfig, PartitionEngine, Totals
 from kpimon.agents.core.grains import GRAINS
 from kpimon.agents.core.metrics import PeriodMetrics
 from kpimon.errors import KpimonError
-from kpimon.streams.events import Event
 
 FORMAT = 1
 _DIGEST = 32  # SHA-256
 _LOW = (1 << PURCHASE_SHIFT) - 1
+_REST = (1 << TS_SHIFT) - 1
 
 
 class CheckpointError(KpimonError):
@@ -56,7 +55,10 @@ class EngineState(msgspec.Struct, array_like=True, gc=False):
     # can exceed 64 bits, msgpack's limit): the low bits (last activity, signed up) and the purchase minute.
     zones: list[tuple[list[str], list[int], list[int]]]
     lifetime: tuple[list[str], list[int]]  # lifetime net revenue of every user who ever paid or was refunded
-    buffer: list[Event]  # accepted, not applied yet, in (ts, event_id) order
+    # Accepted, not applied yet, per user: the pending ints split in two (msgpack ints are 64-bit):
+    # their ts, and (code << CODE_SHIFT) | amount.  And the pending signups' details.
+    pending: list[tuple[str, list[int], list[int]]]
+    pending_signups: list[tuple[str, list[tuple[int, str, str | None, str | None]]]]
     totals: tuple[int, int, int, dict[str, int]]  # accepted, duplicates, late, rejected by reason
     outbox: list[tuple[int, int, dict]]  # closed and not taken yet: (grain index, period start, numbers)
 
@@ -85,7 +87,9 @@ def capture(engine: PartitionEngine) -> EngineState:
         zones=[(list(z), [v & _LOW for v in z.values()], [v >> PURCHASE_SHIFT for v in z.values()])
                for z in engine.zones],
         lifetime=(list(engine.lifetime), list(engine.lifetime.values())),
-        buffer=[item[2] for item in sorted(engine.buffer, key=lambda item: (item[0], item[1]))],
+        pending=[(uid, [i >> TS_SHIFT for i in items], [i & _REST for i in items])
+                 for uid, items in engine.pending_items()],
+        pending_signups=[(uid, list(sig)) for uid, sig in engine.pending_signups.items()],
         totals=(t.accepted, t.duplicates, t.late, dict(t.rejected)),
         outbox=[(GRAINS.index(c.period.grain), c.period.start_ms, c.metrics.to_wire()) for c in engine.outbox],
     )
@@ -104,8 +108,11 @@ def restore(cfg: EngineConfig, state: EngineState, dedup: DedupStore | None = No
     engine.zones = [dict(zip(uids, [lo | (hi << PURCHASE_SHIFT) for lo, hi in zip(low, high, strict=True)],
                              strict=True)) for uids, low, high in state.zones]
     engine.lifetime = dict(zip(*state.lifetime, strict=True))
-    engine.buffer = [(ev.ts, ev.event_id, ev) for ev in state.buffer]
-    heapify(engine.buffer)
+    for uid, ts, rest in state.pending:
+        items = [(t << TS_SHIFT) | r for t, r in zip(ts, rest, strict=True)]
+        engine.pending[uid] = items[0] if len(items) == 1 else items
+        engine._mark_due(uid, ts[0])
+    engine.pending_signups = {uid: list(sig) for uid, sig in state.pending_signups}
     accepted, duplicates, late, rejected = state.totals
     engine.totals = Totals(accepted, duplicates, late, dict(rejected))
     engine.outbox = [Closed(cal.period_at(start, GRAINS[g]), PeriodMetrics.from_wire(m))

@@ -21,6 +21,7 @@ replaying those records rebuilds the same state after a crash.
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left, insort
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from heapq import heappop, heappush
@@ -31,7 +32,7 @@ from kpimon.agents.core.grains import GRAINS, Period
 from kpimon.agents.core.lifecycle import ACTIVE, CHURNED, DEAD, STATES, Ladder, Thresholds
 from kpimon.agents.core.metrics import ENTERED, PeriodMetrics
 from kpimon.agents.core.periods import Calendar
-from kpimon.streams.events import Event
+from kpimon.streams.events import MAX_AMOUNT_MINOR, SIGNUP, Event
 
 NEVER = -(2**62)  # "minus infinity" for timestamps; compares as an int
 DAY = 86_400_000
@@ -47,6 +48,13 @@ LAST = (1 << 42) - 1
 SIGNED = 1 << 42
 PURCHASE_SHIFT = 43
 MINUTE = 60_000
+# A pending event is one int: (ts << TS_SHIFT) | (code << CODE_SHIFT) | amount (amounts stay
+# below 2**50: MAX_AMOUNT_MINOR has 15 digits; codes below 8), so ints sort as (ts, code, amount).
+TS_SHIFT = 53
+CODE_SHIFT = 50
+CODE_MASK = 7
+AMOUNT_MASK = (1 << CODE_SHIFT) - 1
+assert MAX_AMOUNT_MINOR <= AMOUNT_MASK
 
 
 @dataclass(frozen=True)
@@ -101,9 +109,16 @@ class PartitionEngine:
         self.max_ts = NEVER
         self.wm = NEVER
         self.cursor: int | None = None  # everything before it has been applied
-        # The reorder buffer: a heap of (ts, event_id, event), so that releasing what the
-        # watermark passed costs O(log n) per event, however much lateness buffers.
-        self.buffer: list[tuple[int, str, Event]] = []
+        # Accepted events the watermark has not passed yet, per user, not as events: one int per
+        # event, (ts << TS_SHIFT) | (code << CODE_SHIFT) | amount -- the int alone for a user's only
+        # pending event, else an ascending list (~50 bytes per event instead of ~300 for an event in
+        # a global buffer).  Signups keep what the first signup needs apart.  Users are indexed by
+        # the second of their earliest pending instant (``_due``, and a heap of those seconds), so
+        # the users a watermark reaches are found without a scan.
+        self.pending: dict[str, int | list[int]] = {}
+        self.pending_signups: dict[str, list[tuple[int, str, str | None, str | None]]] = {}
+        self._due: dict[int, list[str]] = {}
+        self._due_keys: list[int] = []
         # Accepted event ids within the dedup horizon (agents/core/dedup.py): in memory by default,
         # on disk in the worker (agents/worker/dedup_store.py).
         self.dedup_store: DedupStore = dedup if dedup is not None else MemoryDedup(cfg.dedup_horizon)
@@ -176,10 +191,8 @@ class PartitionEngine:
                 self._open_periods(wm)
         if accepted:
             store.add([ev.event_id for ev in accepted], [ev.ts for ev in accepted])
+            self._hold(accepted)
         self.wm, self.max_ts = wm, max_ts
-        buf = self.buffer
-        for ev in accepted:
-            heappush(buf, (ev.ts, ev.event_id, ev))
         totals = self.totals
         totals.accepted += len(accepted)
         totals.duplicates += dups
@@ -210,16 +223,87 @@ class PartitionEngine:
         """Every remembered event_id and its bucket (a copy; for tests and tools, in-memory stores only)."""
         return dict(self.dedup_store.items())  # type: ignore[attr-defined]
 
+    def _mark_due(self, uid: str, t: int) -> None:
+        """Index ``uid`` under the second of ``t``, its earliest pending instant now."""
+        k = t // 1000
+        lst = self._due.get(k)
+        if lst is None:
+            self._due[k] = [uid]
+            heappush(self._due_keys, k)
+        else:
+            lst.append(uid)
+
+    def _hold(self, events: list[Event]) -> None:
+        """Keep accepted events as per-user pending instants until the watermark passes them."""
+        pending, signups = self.pending, self.pending_signups
+        for ev in events:
+            uid = ev.user_id
+            t = ev.ts
+            item = (t << TS_SHIFT) | (ev.code << CODE_SHIFT) | ev.amount
+            cur = pending.get(uid)
+            if cur is None:
+                pending[uid] = item
+                self._mark_due(uid, t)
+            elif isinstance(cur, int):
+                if item >= cur:
+                    pending[uid] = [cur, item]
+                else:
+                    pending[uid] = [item, cur]
+                    self._mark_due(uid, t)
+            elif item >= cur[-1]:
+                cur.append(item)  # the common case: a user's events come in order
+            else:
+                insort(cur, item)
+                if cur[0] == item:
+                    self._mark_due(uid, t)
+            if ev.code == SIGNUP:
+                insort(signups.setdefault(uid, []), (t, ev.event_id, ev.channel, ev.referrer_id))
+
     def _process_until(self, target: int) -> None:
-        buf = self.buffer
-        apply = self._apply
+        due, keys, pending = self._due, self._due_keys, self.pending
         cursor = self.cursor
         assert cursor is not None
         while cursor < target:
             boundary = self._periods[0].end_ms
             step_end = boundary if boundary < target else target
-            while buf and buf[0][0] < step_end:
-                apply(heappop(buf)[2])
+            bound = step_end << TS_SHIFT
+            movers: list[str] = []
+            later: dict[str, int] = {}  # indexed users whose earliest instant is not below step_end
+            while keys and keys[0] * 1000 < step_end:
+                k = heappop(keys)
+                for uid in due.pop(k):
+                    cur = pending.get(uid)
+                    if cur is None:
+                        continue
+                    first = cur if isinstance(cur, int) else cur[0]
+                    if (first >> TS_SHIFT) // 1000 != k:
+                        continue  # stale: indexed again under its current earliest instant
+                    if first >= bound:
+                        later[uid] = k
+                        continue
+                    if isinstance(cur, int):
+                        del pending[uid]
+                        items = [cur]
+                    else:
+                        cut = bisect_left(cur, bound)
+                        items = cur[:cut]
+                        rest = cur[cut:]
+                        if not rest:
+                            del pending[uid]
+                        else:
+                            pending[uid] = rest[0] if len(rest) == 1 else rest
+                            self._mark_due(uid, rest[0] >> TS_SHIFT)
+                    self._apply_user(uid, items)
+                    movers.append(uid)
+            for uid, k in later.items():
+                self._mark_due(uid, k * 1000)  # due in that second, after step_end: put back after the scan
+            if len(movers) > 1:
+                # Each user was re-inserted at the end of zone 0 at its own last instant, user by user:
+                # put them in order of last activity (zones stay ordered by it; ties by user id).
+                z0 = self.zones[0]
+                for uid in sorted(movers, key=lambda u: (z0[u] & LAST, u)):
+                    z0[uid] = z0.pop(uid)
+                self._holes[0] += len(movers)
             self._age(step_end)
             cursor = self.cursor = step_end
             if step_end == boundary:
@@ -243,9 +327,23 @@ class PartitionEngine:
             key = (s - 1, s)
             transitions[key] = transitions.get(key, 0) + n
 
-    def _apply(self, ev: Event) -> None:
-        t = ev.ts
-        uid = ev.user_id
+    def _apply_user(self, uid: str, items: list[int]) -> None:
+        """Apply ``uid``'s pending events ``items`` (ascending), as the watermark passed them."""
+        signups = None
+        for item in items:
+            code = (item >> CODE_SHIFT) & CODE_MASK
+            signup = None
+            if code == SIGNUP:
+                if signups is None:
+                    signups = self.pending_signups[uid]
+                signup = signups.pop(0)  # in (ts, event_id) order: the first one applied counts
+                if not signups:
+                    del self.pending_signups[uid]
+            self._instant(uid, item >> TS_SHIFT, code, item & AMOUNT_MASK, signup)
+
+    def _instant(self, uid: str, t: int, code: int, amount: int,
+                 signup: tuple[int, str, str | None, str | None] | None) -> None:
+        """Apply one event of ``uid`` at ``t`` (``signup``: its details, for a signup)."""
         accs = self._accs
         periods = self._periods
         day = accs[0]
@@ -274,11 +372,11 @@ class PartitionEngine:
                         if a < periods[g].start_ms:
                             acc.active_users += 1
         # The user is in zone 0 now, with state v.  What the event does: agents/core/effects.py.
-        eff = EFFECTS[ev.code]
+        eff = EFFECTS[code]
         if eff.flows:
-            add_flows(day, ev.code, ev.amount)
+            add_flows(day, code, amount)
             if eff.revenue:
-                self.lifetime[uid] = self.lifetime.get(uid, 0) + eff.revenue * ev.amount
+                self.lifetime[uid] = self.lifetime.get(uid, 0) + eff.revenue * amount
         first_signup = False
         if eff.purchase:
             lpm = v >> PURCHASE_SHIFT
@@ -288,26 +386,25 @@ class PartitionEngine:
                     if lp < periods[g].start_ms:
                         acc.paying_users += 1
             z0[uid] = (v & (SIGNED | LAST)) | ((t // MINUTE + 1) << PURCHASE_SHIFT)
-        elif eff.signup:
+        elif eff.signup and signup is not None:
             if not v & SIGNED:
                 first_signup = True
                 z0[uid] = v | SIGNED
                 day.new_users += 1
-                ch = self.cfg.channel_label(ev.channel)
+                ch = self.cfg.channel_label(signup[2])
                 day.new_users_by_channel[ch] = day.new_users_by_channel.get(ch, 0) + 1
-                if ev.referrer_id is not None:
+                if signup[3] is not None:
                     day.referred_signups += 1
         if self.track_users:
-            self._touch(ev, first_signup)
+            self._touch(uid, t, signup[2] if first_signup and signup is not None else None, first_signup)
 
-    def _touch(self, ev: Event, first_signup: bool) -> None:
-        uid = ev.user_id
+    def _touch(self, uid: str, t: int, channel: str | None, first_signup: bool) -> None:
         rec = self.touched.get(uid)
         if rec is None:
-            rec = self.touched[uid] = [ev.ts, 0, None, None, 0]
-        rec[0], rec[1] = ev.ts, 0
+            rec = self.touched[uid] = [t, 0, None, None, 0]
+        rec[0], rec[1] = t, 0
         if first_signup:
-            rec[2], rec[3] = ev.ts, ev.channel
+            rec[2], rec[3] = t, channel
         rec[4] = self.lifetime.get(uid, 0)
 
     def _comeback(self, zone: int, a: int, t: int, day: PeriodMetrics) -> None:
@@ -406,9 +503,18 @@ class PartitionEngine:
             m.population = list(pop)
         return out
 
-    def buffered(self) -> list[Event]:
-        """The accepted events not applied yet (waiting for the watermark), in no particular order."""
-        return [item[2] for item in self.buffer]
+    def pending_items(self) -> list[tuple[str, list[int]]]:
+        """Every user's pending ints, ascending, by user."""
+        return [(uid, [cur] if isinstance(cur, int) else list(cur)) for uid, cur in sorted(self.pending.items())]
+
+    def pending_count(self) -> int:
+        """How many accepted events wait for the watermark."""
+        return sum(1 if isinstance(cur, int) else len(cur) for cur in self.pending.values())
+
+    def pending_state(self) -> list[tuple[str, list[tuple[int, int, int]]]]:
+        """Every user's pending events as (ts, code, amount), by user (tests, tools)."""
+        return [(uid, [(i >> TS_SHIFT, (i >> CODE_SHIFT) & CODE_MASK, i & AMOUNT_MASK) for i in items])
+                for uid, items in self.pending_items()]
 
     def user_count(self) -> int:
         return sum(len(z) for z in self.zones)

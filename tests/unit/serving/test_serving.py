@@ -516,7 +516,7 @@ async def test_users_applied_on_idle_ticks_reach_redis_and_a_restart_rebuilds_th
     assert await w.flush()
     await poll({tp: msgs})  # the events wait in the reorder buffer (ts >= wall clock - lateness)
     engine = svc.engines[0]
-    assert engine.user_count() == 0 and len(engine.buffered()) == 24
+    assert engine.user_count() == 0 and engine.pending_count() == 24
     clock.now_ms = START + 2 * 60_000
     await poll({})  # idle: a tick record (source offsets start == end == 24) applies every event
     assert engine.user_count() == 12
