@@ -171,11 +171,11 @@ def deletable(commits: list[Commit], rule: DedupRule, wm: int) -> tuple[int, int
     return min(previous.position, log_floor(commits[-1], rule, wm)), previous.first_offset
 
 
-async def read(bootstrap: str, topic: str, partition: int) -> Found:
-    """Every commit and chunk in partition ``partition`` of the checkpoints topic."""
-    found = Found()
-    async for _, msg in read_to_end(bootstrap, topic, [partition]):
-        found.add(msg.offset, msg.headers, msg.value)
+async def read(bootstrap: str, topic: str, partitions: list[int]) -> dict[int, Found]:
+    """Every commit and chunk in ``partitions`` of the checkpoints topic (one reader for all of them)."""
+    found = {p: Found() for p in partitions}
+    async for p, msg in read_to_end(bootstrap, topic, partitions):
+        found[p].add(msg.offset, msg.headers, msg.value)
     return found
 
 
@@ -215,7 +215,7 @@ class Checkpointer:
 
         if not self.enabled:
             return {}, {}  # nothing is deleted then; a log truncated anyway is refused on its first record
-        found = {p: await read(self.bootstrap, self.topics.checkpoints, p) for p in partitions}
+        found = await read(self.bootstrap, self.topics.checkpoints, partitions)
         return found, await log_starts(self.bootstrap, self.topics.state_log, partitions)
 
     def resume(self, p: int, base: Commit | None, found: Found | None) -> None:

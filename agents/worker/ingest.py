@@ -374,6 +374,7 @@ class IngestService:
             started = time.monotonic()
             self._close_stores([p for p in partitions if p in self.engines])  # assigned again: reopened below
             found, starts = await self.checkpointer.load(partitions)
+            loaded = time.monotonic()
             rebuilt = await recovery.replay_partitions(self.cfg, self.read_log, partitions, self.serving,
                                                        stores=self._open_store, found=found, starts=starts)
             assert self.consumer is not None
@@ -397,7 +398,8 @@ class IngestService:
                                           for k, v in msgs])
                 log.info("recovered partition %d: %d records applied, %d skipped, offset %s, %d users",
                          p, rec.applied, rec.skipped, rec.offset, engine.user_count())
-            log.info("recovered %d partitions in %.2fs", len(partitions), time.monotonic() - started)
+            log.info("recovered %d partitions in %.2fs (checkpoints and log starts read in %.2fs)", len(partitions),
+                     time.monotonic() - started, loaded - started)
 
     # The serving layer's view of this worker (agents/serving/writer.py LogSource).
     def owns(self, partition: int) -> bool:

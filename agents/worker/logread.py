@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
+
+# Each short-lived reader's assign() logs its topics at INFO (faust prints them as a table):
+# recovery would fill the worker log with them.
+logging.getLogger("aiokafka.consumer.subscription_state").setLevel(logging.WARNING)
 
 
 async def read_to_end(bootstrap: str, topic: str, partitions: list[int],
@@ -23,12 +28,16 @@ async def read_to_end(bootstrap: str, topic: str, partitions: list[int],
                               fetch_max_bytes=64 * 1024 * 1024)
     await reader.start()
     try:
-        reader.assign(tps)
-        await reader.seek_to_beginning(*tps)
+        # Offsets first: once partitions are assigned, these requests queue behind the fetcher's
+        # long-polling fetch (fetch_max_wait_ms) and take half a second each.
         ends = await reader.end_offsets(tps)
         firsts = await reader.beginning_offsets(tps)
         if starts is not None:
             starts.update({tp.partition: off for tp, off in firsts.items()})
+        if all(ends[tp] <= firsts[tp] for tp in tps):
+            return  # all empty: nothing to wait for
+        reader.assign(tps)
+        await reader.seek_to_beginning(*tps)
         while True:
             got = await reader.getmany(timeout_ms=200, max_records=20000)
             for tp, msgs in got.items():

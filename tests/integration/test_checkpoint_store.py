@@ -74,7 +74,7 @@ async def test_write_read_fallback_and_delete(kafka, topic) -> None:
     finally:
         await prod.stop()
 
-    found = await checkpoints.read(kafka.bootstrap, topic, 1)
+    found = (await checkpoints.read(kafka.bootstrap, topic, [1]))[1]
     assert [c.position for c in found.commits] == [100, 200]
     cp, restored, commit = checkpoints.load_newest(found, cfg, 1, log_start=0)
     assert (commit.position, cp.source_offset, commit.digest) == (200, 201, c_new.digest)
@@ -89,7 +89,7 @@ async def test_write_read_fallback_and_delete(kafka, topic) -> None:
     del found.chunks[c_old.digest][0]
     assert checkpoints.load_newest(found, cfg, 1, log_start=0) is None
     # A checkpoint the state log no longer reaches is skipped.
-    found = await checkpoints.read(kafka.bootstrap, topic, 1)
+    found = (await checkpoints.read(kafka.bootstrap, topic, [1]))[1]
     assert checkpoints.load_newest(found, cfg, 1, log_start=150)[2].position == 200
     assert checkpoints.load_newest(found, cfg, 1, log_start=250) is None
 
@@ -97,6 +97,6 @@ async def test_write_read_fallback_and_delete(kafka, topic) -> None:
     cut = checkpoints.deletable(found.commits, DedupRule(0), T0 + 60 * DAY)  # every id forgotten
     assert cut == (100, c_old.first_offset)
     await checkpoints.delete_before(kafka.bootstrap, {(topic, 1): c_new.first_offset})
-    after = await checkpoints.read(kafka.bootstrap, topic, 1)
+    after = (await checkpoints.read(kafka.bootstrap, topic, [1]))[1]
     assert [c.position for c in after.commits] == [200]
     assert checkpoints.load_newest(after, cfg, 1, log_start=0)[2].position == 200
