@@ -3,29 +3,37 @@
 It implements :class:`kpimon.agents.core.dedup.DedupStore` with the same rule
 and the same answers as :class:`~kpimon.agents.core.dedup.MemoryDedup`, at
 bounded memory: a 7-day horizon at 1,000 events/s is 600M ids, ~60 GB in
-dicts, ~25 bytes per id on disk here (``python3 -m benchmarks.dedup_store``).
+dicts, ~45 bytes per id on disk here (``python3 -m benchmarks.dedup_store``).
 
 Layout (two column families of one RocksDB):
 
-* ``default``: key = the 16-byte blake2b digest of the ``event_id``, value =
-  its bucket (4 bytes big-endian, ``ts // BUCKET_MS``).  Plus one ``meta`` key
-  (4 bytes, so it never collides with a digest): the committed state-log
-  position, the store's identity, the oldest bucket kept and the per-bucket
-  counts (for ``len``).
-* ``journal``: key = bucket (4 bytes big-endian) + digest, empty value.  The
-  ids of one bucket are one contiguous key range, so forgetting a bucket reads
-  only that range (never a full scan) and removes it with one ``delete_range``.
+* ``default``: key = the 16-byte BLAKE2b digest (128 bits) of the ``event_id`` (UTF-8),
+  value = its bucket (4 bytes big-endian, ``ts // BUCKET_MS``).  Plus one
+  ``meta`` key (4 bytes, so it never collides with a digest): the committed
+  state-log position, the store's identity and layout (:data:`FORMAT`), the
+  oldest bucket kept, the per-bucket counts (for ``len``) and the journal's
+  sequence number.
+* ``journal``: key = bucket (4 bytes big-endian) + a sequence number (8 bytes
+  big-endian), value = the digests of ids of that bucket, concatenated (at most
+  :data:`JOURNAL_CHUNK` per entry, written by one commit).  The ids of one
+  bucket are one contiguous key range, so forgetting a bucket reads only that
+  range (never a full scan) and removes it with one ``delete_range``; and a
+  commit writes one journal entry per bucket, not one per id.
 
-Collisions: two distinct ids collide with probability at most N^2 / 2^129 for N
-ids remembered at once (birthday bound on 128 bits): for N = 6e8 (7 days at
-1,000 events/s) that is ~5e-22; a collision would make one event a duplicate.
+Collisions: keys are 128-bit BLAKE2b digests, so two distinct ids collide with
+probability at most N^2 / 2^129 for N ids remembered at once (birthday bound on
+128 bits): for N = 6e8 (7 days at 1,000 events/s) that is ~5e-22; a collision
+would make one event a duplicate.  BLAKE2b is a cryptographic hash, so the
+bound also holds for ids a hostile producer crafts to collide with another
+user's events (a non-cryptographic 128-bit hash such as XXH3 is ~0.5 µs per id
+cheaper, but its collisions can be constructed).
 
 Expiry is logical first: ``expire`` only raises the oldest bucket kept, and an
 id whose bucket is older reads as forgotten at once.  The rows are deleted
-later, in :meth:`RocksDedup.commit`, at most :data:`EXPIRE_BUDGET` journal
-entries per commit (a bucket of 3.6M ids is spread over many commits instead
-of stalling one batch).  A row is deleted only if its stored bucket still
-equals the journal's (an id accepted again later, in a newer bucket, stays).
+later, in :meth:`RocksDedup.commit`, about :data:`EXPIRE_BUDGET` ids per
+commit (whole journal entries: at most one entry more; a bucket of 3.6M ids is
+spread over many commits instead of stalling one batch).  A row is deleted
+only if its stored bucket still equals the journal's (an id accepted again later, in a newer bucket, stays).
 
 Writes are staged.  ``add`` keeps ids in memory, in *generations*
 (:meth:`RocksDedup.seal` closes one per state-log record), and ``seen``
@@ -38,13 +46,22 @@ The oldest bucket kept is staged the same way (a record's watermark is
 persisted with that record only).
 
 Memory: one block cache shared by every store of the process
-(:data:`CACHE_BYTES`, index and filter blocks included), bloom filters, small
-write buffers (:data:`WRITE_BUFFER_BYTES`, at most two per column family), and
+(:data:`CACHE_BYTES`, index and filter blocks included, partitioned in 4 KiB
+pieces so that the cache can hold them whatever the size of a file), bloom
+filters, small write buffers (:data:`WRITE_BUFFER_BYTES`, at most two per column family), and
 the staged generations (the records in flight).  Nothing per id outlives a
 commit.
 
 Deleting a store's directory is safe: the worker finds it empty and re-adds
-the ids from the state log on the next start (agents/worker/recovery.py).
+the ids from the state log on the next start (agents/worker/recovery.py).  A
+store of another :data:`FORMAT` is wiped on open for the same reason.
+
+Cost (2M new ids in batches of 5,000, ``benchmarks/dedup_store.py``): the
+batched multi-get of ``seen`` (mostly misses: memtable bloom, then one filter
+partition per file), then the memtable inserts of ``commit`` (done in digest
+order: the skip list inserts next to the previous key), then Python; staging
+is bulk (a dict update and a count per bucket) when every id was absent at the
+last ``seen`` and is staged nowhere, id by id otherwise.
 """
 
 from __future__ import annotations
@@ -54,12 +71,14 @@ import json
 import logging
 import os
 import shutil
+from collections import Counter
 from collections.abc import Sequence
 from hashlib import blake2b
-from typing import Any
+from typing import Any, cast
 
 from rocksdict import (
     AccessType,
+    BlockBasedIndexType,
     BlockBasedOptions,
     Cache,
     DBCompressionType,
@@ -76,15 +95,21 @@ log = logging.getLogger("kpimon.dedup")
 
 CACHE_BYTES = 32 * 1024 * 1024  # the block cache of all stores of a process
 WRITE_BUFFER_BYTES = 4 * 1024 * 1024  # per memtable; at most 2 per column family
-EXPIRE_BUDGET = 50_000  # journal entries deleted per commit at most
+EXPIRE_BUDGET = 50_000  # ids of expired buckets deleted per commit (whole journal entries: one more at most)
+JOURNAL_CHUNK = 4096  # ids per journal entry at most
 META = b"meta"  # 4 bytes: never a 16-byte digest
 JOURNAL = "journal"
+FORMAT = 2  # the on-disk layout; a store of another format is wiped on open (1: one journal key per id)
 
 _cache: Cache | None = None
 
 
 def digest(event_id: str) -> bytes:
     return blake2b(event_id.encode(), digest_size=16).digest()
+
+
+def _digests(ids: Sequence[str]) -> list[bytes]:
+    return [blake2b(i.encode(), digest_size=16).digest() for i in ids]
 
 
 def _b4(bucket: int) -> bytes:
@@ -98,8 +123,15 @@ def _options() -> Options:
     table = BlockBasedOptions()
     table.set_block_cache(_cache)
     table.set_bloom_filter(10, False)
+    table.set_format_version(5)  # the faster bloom filter (the default, 2, is the legacy one)
     table.set_cache_index_and_filter_blocks(True)
     table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    # Partitioned index and filters: the cache holds 4 KiB pieces, not one filter of a few MiB per file, which
+    # the cache's 512 KiB shards cannot keep, so that every lookup read and parsed it again (7 µs per miss).
+    table.set_index_type(BlockBasedIndexType.two_level_index_search())
+    table.set_partition_filters(True)
+    table.set_metadata_block_size(4096)
+    table.set_pin_top_level_index_and_filter(True)
     opts = Options(raw_mode=True)
     opts.create_if_missing(True)
     opts.create_missing_column_families(True)
@@ -158,6 +190,10 @@ class RocksDedup:
         if store._meta_identity not in (None, identity):
             log.warning("dedup store %s belongs to %s, not %s: starting it empty", path, store._meta_identity, identity)
             store.wipe()
+        elif store._meta_identity is not None and store._meta_format != FORMAT:
+            log.warning("dedup store %s has the layout of format %s, not %d: starting it empty",
+                        path, store._meta_format, FORMAT)
+            store.wipe()
         elif log_end is not None:
             store.check_log_end(log_end)
         return store
@@ -192,6 +228,8 @@ class RocksDedup:
         meta = db.get(META)
         m: dict[str, Any] = json.loads(meta) if meta is not None else {}
         self._meta_identity: str | None = m.get("identity")
+        self._meta_format: int | None = m.get("format")
+        self._jseq: int = m.get("jseq", 0)  # journal entries written so far (their keys' sequence numbers)
         self.position: int | None = m.get("position")  # the state-log position committed (None: never)
         self.check: int | None = m.get("check")  # the source end of the record just before ``position``
         self.keep: int = m.get("keep", -(2**31))  # the oldest bucket remembered
@@ -217,6 +255,7 @@ class RocksDedup:
         shutil.rmtree(self.path, ignore_errors=True)
         self._open()
         self._meta_identity = self.identity
+        self._meta_format = FORMAT
 
     @property
     def closed(self) -> bool:
@@ -233,34 +272,46 @@ class RocksDedup:
                 return b
         return None
 
+    def _staged_many(self, ds: list[bytes]) -> list[int | None]:
+        """The staged bucket of each digest (None: not staged), the newest generation first."""
+        got = list(map(self._cur.ids.get, ds))
+        for g in reversed(self._gens):
+            if None not in got:
+                break
+            get = g.ids.get
+            got = [b if b is not None else get(d) for b, d in zip(got, ds)]
+        return got
+
     def seen(self, ids: Sequence[str]) -> list[bool]:
         db = self._db
         assert db is not None, "dedup store is closed"
         keep = self.keep
-        out = [False] * len(ids)
-        ask: list[bytes] = []
-        where: list[int] = []
-        absent: dict[str, bytes] = {}
-        staging = bool(self._cur.ids or self._gens)
-        for k, i in enumerate(ids):
-            d = blake2b(i.encode(), digest_size=16).digest()
-            if staging:
-                b = self._staged(d)
-                if b is not None:
-                    if b >= keep:
-                        out[k] = True
-                    else:
-                        absent[i] = d
-                    continue
-            ask.append(d)
-            where.append(k)
-        if ask:
-            for k, d, v in zip(where, ask, db[ask]):
-                if v is not None and int.from_bytes(v, "big") >= keep:
+        ds = _digests(ids)
+        if self._cur.ids or self._gens:
+            out = [False] * len(ids)
+            absent: dict[str, bytes] = {}
+            ask: list[bytes] = []
+            where: list[int] = []
+            for k, (d, b) in enumerate(zip(ds, self._staged_many(ds))):
+                if b is None:
+                    ask.append(d)
+                    where.append(k)
+                elif b >= keep:
                     out[k] = True
                 else:
                     absent[ids[k]] = d
-        self._absent = absent
+            if ask:
+                kb = _b4(max(keep, 0))  # buckets are >= 0: their 4 bytes big-endian compare as the numbers
+                for k, d, v in zip(where, ask, db[ask]):
+                    if v is not None and v >= kb:
+                        out[k] = True
+                    else:
+                        absent[ids[k]] = d
+            self._absent = absent
+            return out
+        kb = _b4(max(keep, 0))
+        out = [v is not None and v >= kb for v in db[ds]] if ds else []
+        self._absent = {i: d for i, d, hit in zip(ids, ds, out) if not hit}
         return out
 
     def add(self, ids: Sequence[str], ts: Sequence[int]) -> None:
@@ -269,24 +320,34 @@ class RocksDedup:
             return
         db = self._db
         assert db is not None, "dedup store is closed"
-        keep = self.keep
         gen = self._cur
-        staged = gen.ids
-        delta = gen.delta
-        rows: list[tuple[bytes, int, bool]] = []
-        ask: list[bytes] = []
-        for i, t in zip(ids, ts):
-            d = absent.pop(i, None)
-            known = d is not None  # absent at the last seen(): new, unless staged since
-            if d is None:
-                d = blake2b(i.encode(), digest_size=16).digest()
-                if self._staged(d) is None:
-                    ask.append(d)
-            rows.append((d, t // BUCKET_MS, known))
+        bs = [t // BUCKET_MS for t in ts]
+        ds = list(map(absent.get, ids))
+        if None not in ds:
+            # The common case: every id was absent at the last seen() (so it is not counted anywhere) and is
+            # staged nowhere since, each once: the ids go in at once and the counts grow by bucket.
+            new: dict[bytes, int] = dict(zip(cast("list[bytes]", ds), bs))
+            if len(new) == len(ds) and gen.ids.keys().isdisjoint(new) \
+                    and all(g.ids.keys().isdisjoint(new) for g in self._gens):
+                gen.ids.update(new)
+                delta = gen.delta
+                for b, c in Counter(bs).items():
+                    delta[b] = delta.get(b, 0) + c
+                return
+        self._add_slow(ids, bs, ds)
+
+    def _add_slow(self, ids: Sequence[str], bs: list[int], known: list[bytes | None]) -> None:
+        """add(), id by id: an id staged or stored already moves from its old bucket's count to the new one."""
+        db = self._db
+        keep = self.keep
+        ds = [d if d is not None else digest(i) for i, d in zip(ids, known)]
+        ask = [d for d, k, st in zip(ds, known, self._staged_many(ds)) if k is None and st is None]
         on_disk = {d: int.from_bytes(v, "big") for d, v in zip(ask, db[ask]) if v is not None} if ask else {}
-        for d, b, known in rows:
+        staged = self._cur.ids
+        delta = self._cur.delta
+        for d, b, k in zip(ds, bs, known):
             old = self._staged(d)
-            if old is None and not known:
+            if old is None and k is None:
                 old = on_disk.get(d)
             if old is not None and old >= keep:
                 delta[old] = delta.get(old, 0) - 1
@@ -334,29 +395,57 @@ class RocksDedup:
         n = max(0, min(upto - first + 1, len(self._gens)))
         done, self._gens = self._gens[:n], self._gens[n:]
         keep = done[-1].keep if done else self._committed_keep
-        puts: dict[bytes, int] = {}
+        if len(done) == 1:
+            puts = done[0].ids
+        else:
+            puts = {}
+            for g in done:
+                puts.update(g.ids)
         counts = self._counts
         for g in done:
-            puts.update(g.ids)
             for b, c in g.delta.items():
                 counts[b] = counts.get(b, 0) + c
         wb = WriteBatch(raw_mode=True)
-        jh = self._jh
         self._expire_rows(wb, keep, puts)
-        for d, b in puts.items():
-            bb = _b4(b)
-            wb.put(d, bb)
-            wb.put(bb + d, b"", jh)
+        if puts:
+            # Rows (digest -> bucket) in the default family, in the order of the digests: the memtable's skip
+            # list inserts a key next to the previous one cheaply (2-3x faster than in random order).  And the
+            # digests of each bucket, concatenated, as journal entries of at most JOURNAL_CHUNK ids:
+            # key = bucket (4 bytes) + a sequence number (8 bytes), both big-endian.
+            put = wb.put
+            ds = sorted(puts)
+            enc = {b: _b4(b) for b in set(puts.values())}
+            if len(enc) == 1:
+                bb = next(iter(enc.values()))
+                for d in ds:
+                    put(d, bb)
+                groups = [(bb, ds)]
+            else:
+                by: dict[int, list[bytes]] = {b: [] for b in enc}
+                for d in ds:
+                    b = puts[d]
+                    put(d, enc[b])
+                    by[b].append(d)
+                groups = list(zip(map(enc.__getitem__, by), by.values()))
+            jh = self._jh
+            jseq = self._jseq
+            for bb, group in groups:
+                for at in range(0, len(group), JOURNAL_CHUNK):
+                    jseq += 1
+                    put(bb + jseq.to_bytes(8, "big"), b"".join(group[at:at + JOURNAL_CHUNK]), jh)
+            self._jseq = jseq
         self._counts = counts = {b: c for b, c in counts.items() if b >= keep and c}
         self.position, self.check, self._committed_keep = position, check, keep
-        meta = {"identity": self.identity, "position": position, "check": check, "keep": keep,
-                "counts": {str(b): c for b, c in counts.items()}}
+        meta = {"identity": self.identity, "format": FORMAT, "position": position, "check": check, "keep": keep,
+                "jseq": self._jseq, "counts": {str(b): c for b, c in counts.items()}}
         wb.put(META, json.dumps(meta).encode())
         db.write(wb)
         self._meta_identity = self.identity
+        self._meta_format = FORMAT
 
     def _expire_rows(self, wb: WriteBatch, keep: int, puts: dict[bytes, int]) -> int:
-        """Stage the deletion of up to EXPIRE_BUDGET journal entries of buckets older than ``keep``."""
+        """Stage the deletion of the journal entries of buckets older than ``keep`` (about EXPIRE_BUDGET ids
+        at most) and of their rows; how many ids those entries held."""
         db = self._db
         assert db is not None
         if keep <= self._clean_below:
@@ -365,23 +454,29 @@ class RocksDedup:
         it = self._journal_iter()
         it.seek_to_first()
         keys: list[bytes] = []
-        while it.valid() and len(keys) < EXPIRE_BUDGET:
+        digests: list[bytes] = []
+        buckets: list[bytes] = []
+        while it.valid() and len(digests) < EXPIRE_BUDGET:
             k = it.key()
             if k >= end:
                 break
+            v = it.value()
             keys.append(k)
+            ds = [v[at:at + 16] for at in range(0, len(v), 16)]
+            digests += ds
+            buckets += [k[:4]] * len(ds)
             it.next()
+        more = it.valid() and it.key() < end
         del it
-        if len(keys) < EXPIRE_BUDGET:
+        if not more:
             self._clean_below = keep  # once this batch is written
         if not keys:
             return 0
-        digests = [k[4:] for k in keys]
-        for k, d, v in zip(keys, digests, db[digests]):
-            if v is not None and v == k[:4] and d not in puts:
+        for d, b, v in zip(digests, buckets, db[digests]):
+            if v is not None and v == b and d not in puts:
                 wb.delete(d)
         wb.delete_range(keys[0], keys[-1] + b"\x00", self._jh)
-        return len(keys)
+        return len(digests)
 
     def _journal_iter(self) -> Any:
         return self._journal.iter(ReadOptions())

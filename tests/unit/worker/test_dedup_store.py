@@ -258,3 +258,57 @@ def test_recovery_wipes_a_store_written_for_another_incarnation_of_the_log(tmp_p
     assert store.position == 1
     assert store.seen([f"x{i}" for i in range(39, 40)]) == [False]
     store.close()
+
+
+def test_a_store_of_another_format_starts_empty(tmp_path):
+    from kpimon.agents.worker import dedup_store
+
+    path = str(tmp_path / "d")
+    store = RocksDedup.open(path, "x", H)
+    store.add(["a"], [T0])
+    store.commit(3)
+    meta = json.loads(store._db.get(dedup_store.META))
+    store._db.put(dedup_store.META, json.dumps({**meta, "format": 1}).encode())  # as an older version wrote it
+    store.close()
+    store = RocksDedup.open(path, "x", H)
+    assert store.position is None and store.seen(["a"]) == [False] and len(store) == 0
+    store.close()
+
+
+def test_journal_entries_of_several_buckets_expire_exactly(tmp_path, monkeypatch):
+    """Ids of several buckets in one commit, journal entries of a few ids, a small expiry budget, an id moved to
+    a newer bucket: the answers of MemoryDedup, and nothing left on disk once every bucket is gone."""
+    from kpimon.agents.worker import dedup_store
+
+    monkeypatch.setattr(dedup_store, "JOURNAL_CHUNK", 7)
+    monkeypatch.setattr(dedup_store, "EXPIRE_BUDGET", 10)
+    store = RocksDedup.open(str(tmp_path / "d"), "x", H)
+    model = MemoryDedup(H)
+    ids = [f"id{i}" for i in range(60)]
+    ts = [T0 + (i % 3) * BUCKET_MS for i in range(60)]
+    assert store.seen(ids) == [False] * 60
+    for s in (store, model):
+        s.add(ids, ts)
+    store.commit(1)
+    for s in (store, model):
+        s.add(["id0"], [T0 + 4 * BUCKET_MS])  # moved to a newer bucket
+    store.commit(2)
+    assert len(store) == len(model) == 60
+    for step, wm in enumerate((T0 + BUCKET_MS + H, T0 + 2 * BUCKET_MS + H, T0 + 3 * BUCKET_MS + H)):
+        for s in (store, model):
+            s.expire(wm)
+        for n in range(10):
+            store.commit(3 + 10 * step + n)
+        assert store.seen(ids) == model.seen(ids) and len(store) == len(model)
+    rows = [d for d, _ in store._db.items() if len(d) == 16]
+    assert len(rows) == 1 and store.seen(["id0"]) == [True]  # only the moved id
+    for s in (store, model):
+        s.expire(T0 + 5 * BUCKET_MS + H)
+    for n in range(5):
+        store.commit(100 + n)
+    it = store._journal_iter()
+    it.seek_to_first()
+    assert not it.valid()
+    del it
+    assert not [d for d, _ in store._db.items() if len(d) == 16] and len(store) == 0
+    store.close()
