@@ -406,9 +406,11 @@ class IngestService:
         """Whether this worker currently owns ``partition`` of the input."""
         return partition in self.engines
 
-    def read_log(self, partitions: list[int]) -> AsyncIterator[tuple[int, int, Record]]:
-        """Every state-log record of ``partitions``, in order: (partition, state-log offset, Record)."""
-        return recovery.read_log(self.settings.kafka.bootstrap, self.topics.state_log, partitions)
+    def read_log(self, partitions: list[int], offsets: dict[int, int] | None = None
+                 ) -> AsyncIterator[tuple[int, int, Record]]:
+        """Every state-log record of ``partitions`` (from ``offsets[p]`` where given), in order:
+        (partition, state-log offset, Record)."""
+        return recovery.read_log(self.settings.kafka.bootstrap, self.topics.state_log, partitions, offsets)
 
     async def replay_users(self, partition: int) -> tuple[dict[str, list], int]:
         """Every user of ``partition`` from a fresh replay of the state log (the serving layer's repair)."""

@@ -12,11 +12,13 @@ logging.getLogger("aiokafka.consumer.subscription_state").setLevel(logging.WARNI
 
 
 async def read_to_end(bootstrap: str, topic: str, partitions: list[int],
-                      starts: dict[int, int] | None = None) -> AsyncIterator[tuple[int, Any]]:
+                      starts: dict[int, int] | None = None,
+                      offsets: dict[int, int] | None = None) -> AsyncIterator[tuple[int, Any]]:
     """Yield (partition, aiokafka ConsumerRecord) for every record of ``partitions``, in order per partition.
 
     ``starts`` (filled in if given) receives each partition's first offset, the
     log-start offset after deletions, before the first record is yielded.
+    ``offsets`` starts some partitions later than their first offset.
     Reads to the end offsets taken at the start, then until a poll comes back
     empty: some brokers (Tansu) under-report the end offset.
     """
@@ -38,6 +40,9 @@ async def read_to_end(bootstrap: str, topic: str, partitions: list[int],
             return  # all empty: nothing to wait for
         reader.assign(tps)
         await reader.seek_to_beginning(*tps)
+        for tp in tps:  # later than the log start where asked (never before it)
+            if offsets and offsets.get(tp.partition, 0) > firsts[tp]:
+                reader.seek(tp, offsets[tp.partition])
         while True:
             got = await reader.getmany(timeout_ms=200, max_records=20000)
             for tp, msgs in got.items():

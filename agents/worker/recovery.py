@@ -45,7 +45,7 @@ from kpimon.errors import KpimonError
 
 log = logging.getLogger("kpimon.recovery")
 
-LogReader = Callable[[list[int]], AsyncIterator[tuple[int, int, Record]]]
+LogReader = Callable[..., AsyncIterator[tuple[int, int, Record]]]  # (partitions[, offsets by partition])
 
 
 class StateLogError(KpimonError):
@@ -222,8 +222,15 @@ async def _pass(cfg: EngineConfig, read: LogReader, partitions: list[int], track
             if store.position is not None:  # type: ignore[attr-defined]
                 disk[p] = (store.position, store.check)  # type: ignore[attr-defined]
     stale: set[int] = set()
+    # A checkpoint whose records' ids the store on disk already holds: the log before it is not even read
+    # (from the record just before it, which both the store's and the checkpoint's checks look at).
+    skip = {p: bases[p].position - 1 for p in bases
+            if p in disk and disk[p][0] >= bases[p].position and bases[p].position > 0}
+    for p, off in skip.items():
+        log.info("partition %d: state log read from offset %d (the dedup store holds the ids before the "
+                 "checkpoint)", p, off)
     n = 0
-    async for p, offset, record in read(partitions):
+    async for p, offset, record in (read(partitions, skip) if skip else read(partitions)):
         n += 1
         if n % 8 == 0:
             await asyncio.sleep(0)  # a rebuild beside a running stream lets it go on
@@ -338,11 +345,13 @@ class ServingRecovery:
         self.writer.recovered(p, start, end, engine.take_touched())
 
 
-async def read_log(bootstrap: str, topic: str, partitions: list[int]) -> AsyncIterator[tuple[int, int, Record]]:
-    """Yield (partition, state-log offset, Record) for every record of ``partitions`` of ``topic``, in order.
+async def read_log(bootstrap: str, topic: str, partitions: list[int], offsets: dict[int, int] | None = None
+                   ) -> AsyncIterator[tuple[int, int, Record]]:
+    """Yield (partition, state-log offset, Record) for every record of ``partitions`` of ``topic``, in order,
+    from ``offsets[p]`` where given (else from where the log starts).
 
     A log whose first records were deleted is read from where it starts; whether
     a checkpoint covers what is missing is :func:`replay_partitions`' call.
     """
-    async for p, msg in read_to_end(bootstrap, topic, partitions):
+    async for p, msg in read_to_end(bootstrap, topic, partitions, offsets=offsets):
         yield p, msg.offset, decode(msg.value)
