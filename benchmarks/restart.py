@@ -144,8 +144,7 @@ def checkpoint_bytes(bootstrap: str, topic: str, partitions: int) -> tuple[int, 
     """(bytes of the newest checkpoint of every partition, summed; commits still in the topic)."""
     async def go() -> tuple[int, int]:
         size = kept = 0
-        for p in range(partitions):
-            found = await ckpt.read(bootstrap, topic, p)
+        for found in (await ckpt.read(bootstrap, topic, list(range(partitions)))).values():
             kept += len(found.commits)
             if found.commits:
                 size += found.commits[-1].size
