@@ -66,8 +66,3 @@ def add_flows(target: Any, code: int, amount: int) -> bool:
     target.revenue += eff.revenue * amount
     target.refunds += eff.refunds * amount
     return True
-
-
-def net_revenue(code: int, amount: int) -> int:
-    """The event's contribution to net revenue (minor units): +amount for a purchase, -amount for a refund."""
-    return EFFECTS[code].revenue * amount

@@ -85,6 +85,12 @@ def scrape(url: str, timeout: float = 2.0) -> dict[str, Any]:
     return parse_metrics(text)
 
 
+# Counters that are one figure each: metric name -> figure.
+_FIGURES = {"kpimon_events_duplicate_total": "duplicates", "kpimon_events_late_total": "late",
+            "kpimon_orders_total": "orders", "kpimon_revenue_total": "revenue",
+            "kpimon_refunds_total": "refunds", "kpimon_invites_total": "invites"}
+
+
 def parse_metrics(text: str) -> dict[str, Any]:
     fig: dict[str, Any] = {
         "accepted": 0.0, "events_by_type": {}, "rejected": 0.0, "rejected_by_reason": {}, "duplicates": 0.0,
@@ -101,20 +107,10 @@ def parse_metrics(text: str) -> dict[str, Any]:
             elif name == "kpimon_events_rejected_total":
                 fig["rejected"] += value
                 fig["rejected_by_reason"][labels["reason"]] = value
-            elif name == "kpimon_events_duplicate_total":
-                fig["duplicates"] = value
-            elif name == "kpimon_events_late_total":
-                fig["late"] = value
+            elif name in _FIGURES:
+                fig[_FIGURES[name]] = value
             elif name == "kpimon_signups_total":
                 fig["signups_by_channel"][labels["channel"]] = value
-            elif name == "kpimon_orders_total":
-                fig["orders"] = value
-            elif name == "kpimon_revenue_total":
-                fig["revenue"] = value
-            elif name == "kpimon_refunds_total":
-                fig["refunds"] = value
-            elif name == "kpimon_invites_total":
-                fig["invites"] = value
             elif name == "kpimon_lifecycle_transitions_total":
                 fig["transitions"][f"{labels['from']}->{labels['to']}"] = value
             elif name == "kpimon_lifecycle_users":

@@ -12,13 +12,11 @@ logging.getLogger("aiokafka.consumer.subscription_state").setLevel(logging.WARNI
 
 
 async def read_to_end(bootstrap: str, topic: str, partitions: list[int],
-                      starts: dict[int, int] | None = None,
                       offsets: dict[int, int] | None = None) -> AsyncIterator[tuple[int, Any]]:
     """Yield (partition, aiokafka ConsumerRecord) for every record of ``partitions``, in order per partition.
 
-    ``starts`` (filled in if given) receives each partition's first offset, the
-    log-start offset after deletions, before the first record is yielded.
-    ``offsets`` starts some partitions later than their first offset.
+    ``offsets`` starts some partitions later than their first offset (where the
+    log starts after deletions: :func:`log_starts`).
     Reads to the end offsets taken at the start, then until a poll comes back
     empty: some brokers (Tansu) under-report the end offset.
     """
@@ -34,8 +32,6 @@ async def read_to_end(bootstrap: str, topic: str, partitions: list[int],
         # long-polling fetch (fetch_max_wait_ms) and take half a second each.
         ends = await reader.end_offsets(tps)
         firsts = await reader.beginning_offsets(tps)
-        if starts is not None:
-            starts.update({tp.partition: off for tp, off in firsts.items()})
         if all(ends[tp] <= firsts[tp] for tp in tps):
             return  # all empty: nothing to wait for
         reader.assign(tps)
