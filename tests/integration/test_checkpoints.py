@@ -58,7 +58,8 @@ def _checkpointing(kafka, pipeline_factory, history, partitions: int):
     """A deployment with the history produced that checkpoints every few records, and its first worker."""
     lines, until = history
     p = pipeline_factory(kafka.bootstrap, partitions=partitions,
-                         worker={"batch_max_records": 200, "checkpoint_records": 8, "checkpoint_interval": "2s"})
+                         worker={"batch_max_records": 200, "checkpoints": True, "checkpoint_records": 8,
+                                 "checkpoint_interval": "2s"})
     p.produce(lines)
     p.mark(until)
     return p, p.start_worker()
