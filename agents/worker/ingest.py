@@ -380,7 +380,7 @@ class IngestService:
             assert self.consumer is not None
             for p, rec in rebuilt.items():
                 engine = rec.engine
-                engine.outbox = rec.last_outbox  # re-published below: idempotent downstream
+                engine.outbox = rec.closed  # re-published below: idempotent downstream
                 self.engines[p] = engine
                 self.checkpointer.resume(p, rec.base, found.get(p))
                 tp = TopicPartition(self.topics.events, p)

@@ -88,7 +88,7 @@ class Recovered:
     log_end: int  # the state-log position reached (the offset after the partition's last record)
     applied: int
     skipped: int
-    last_outbox: list[Closed] = field(default_factory=list)  # what the last applied record closed
+    closed: list[Closed] = field(default_factory=list)  # every period the replayed records closed
     base: Commit | None = None  # the checkpoint the replay started from (None: the log's beginning)
 
 
@@ -103,9 +103,15 @@ async def replay_partitions(cfg: EngineConfig, read: LogReader, partitions: list
                             track_users: bool = False) -> dict[int, Recovered]:
     """Rebuild the engines of ``partitions`` from the state log (and the serving layer's users, if given).
 
-    The last applied record's closed periods are kept in ``last_outbox``: they
-    may not have left before the previous owner stopped, and re-publishing them
-    is idempotent downstream.
+    The periods closed by the replayed records are kept in ``closed``, every
+    one of them: the previous owner may have stopped after its last poll's
+    records were durable and before what they closed was published, and a poll
+    can hold several records of a partition (input over ``RECORD_BYTES``, a
+    watermark marker).  Re-publishing is idempotent downstream (the aggregator
+    keeps the latest partial of a period and ignores periods already closed),
+    and costs one message per period of the replayed stretch: with
+    checkpoints, the tail after the newest one; without, about 430 per year
+    of history.
 
     ``stores(p)`` opens partition ``p``'s dedup store (the worker's on disk,
     agents/worker/dedup_store.py; default: in memory).  A store on disk already
@@ -153,7 +159,7 @@ async def _replay(cfg: EngineConfig, read: LogReader, partitions: list[int], ser
         done.update(again)
     out = {}
     for p in partitions:
-        rp, last_outbox, log_end, last_end, base = done[p]
+        rp, closed, log_end, last_end, base = done[p]
         engine = rp.engine
         engine.outbox = []
         engine.transitions.clear()
@@ -161,7 +167,7 @@ async def _replay(cfg: EngineConfig, read: LogReader, partitions: list[int], ser
         if store is not None and hasattr(store, "commit"):
             store.replaying = False  # type: ignore[attr-defined]
             store.commit(log_end, check=last_end)
-        out[p] = Recovered(engine, rp.offset, log_end, rp.applied, rp.skipped, last_outbox, base)
+        out[p] = Recovered(engine, rp.offset, log_end, rp.applied, rp.skipped, closed, base)
     return out
 
 
@@ -175,7 +181,7 @@ def _ids_only(engine: PartitionEngine, record: Record) -> None:
 
 
 COMMIT_EVERY = 200_000  # ids staged while replaying before they are committed (bounds recovery's memory)
-# replayer, last outbox, log end, last record's end, the checkpoint it started from
+# replayer, closed periods, log end, last record's end, the checkpoint it started from
 Replayed = tuple[Replayer, list[Closed], int, int | None, Commit | None]
 
 
@@ -210,7 +216,7 @@ async def _pass(cfg: EngineConfig, read: LogReader, partitions: list[int], track
             tracking.restored(p, engine, commit.position)
         log.info("partition %d: checkpoint %s at state-log position %d restored (%d users)", p,
                  commit.digest[:12], commit.position, engine.user_count())
-    last_outbox: dict[int, list[Closed]] = {p: [] for p in partitions}
+    closed: dict[int, list[Closed]] = {p: [] for p in partitions}
     log_end = {p: bases[p].position if p in bases else starts.get(p, 0) for p in partitions}
     last_end: dict[int, int | None] = dict.fromkeys(partitions)
     # Stores on disk: the state-log position they hold the ids up to, and the record end they committed with.
@@ -263,7 +269,7 @@ async def _pass(cfg: EngineConfig, read: LogReader, partitions: list[int], track
         if tracking is not None:
             tracking.before(p, record, rp.engine, offset)
         if rp.feed(record):
-            last_outbox[p] = rp.engine.take_outbox()
+            closed[p] += rp.engine.take_outbox()
         if at is not None or (store is not None and hasattr(store, "commit")):
             if not getattr(store, "replaying", True) and store.staged() >= COMMIT_EVERY:  # type: ignore[union-attr]
                 store.commit(offset + 1, check=record.end)  # type: ignore[union-attr]
@@ -274,7 +280,7 @@ async def _pass(cfg: EngineConfig, read: LogReader, partitions: list[int], track
         for p in partitions:
             if p not in stale:
                 tracking.finish(p, replayers[p].engine, log_end[p])
-    done = {p: (replayers[p], last_outbox[p], log_end[p], last_end[p], bases.get(p)) for p in partitions}
+    done = {p: (replayers[p], closed[p], log_end[p], last_end[p], bases.get(p)) for p in partitions}
     return done, sorted(stale)
 
 

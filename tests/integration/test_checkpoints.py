@@ -41,9 +41,12 @@ def _wait(cond, proc, p, timeout_s: float = 180) -> None:
 
 def _report_equals_reference(p, lines, until) -> dict:
     report = p.report(until, timeout_s=300)
-    assert by_period(report) == reference_report(good_events(lines), p.settings, until)
+    got, want = by_period(report), reference_report(good_events(lines), p.settings, until)
     dups = len(lines) - len({e["event_id"] for e in good_events(lines)})
-    assert report["events"] == {"accepted": len(lines) - dups, "rejected": 0, "duplicates": dups, "late": 0}
+    events = {"accepted": len(lines) - dups, "rejected": 0, "duplicates": dups, "late": 0}
+    # On a mismatch, say where: the periods that differ, the event tally, and the workers' logs.
+    wrong = {k: (got.get(k), want.get(k)) for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)}
+    assert not wrong and report["events"] == events, (list(wrong.items())[:3], report["events"], events, p.log())
     return report
 
 
