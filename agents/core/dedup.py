@@ -107,3 +107,24 @@ class MemoryDedup:
     def items(self) -> Iterator[tuple[str, int]]:
         """(id, bucket) of every remembered id (tests and tools)."""
         return iter(self._ids.items())
+
+
+class NoDedup:
+    """A :class:`DedupStore` that remembers nothing: for engines that only replay records already
+    deduplicated (the serving layer's repair, :func:`~kpimon.agents.worker.recovery.replay_users`) and
+    never decide on new events, so their memory does not grow with the ids of the horizon."""
+
+    def __init__(self, horizon: int) -> None:
+        self.rule = DedupRule(horizon)
+
+    def seen(self, ids: Sequence[str]) -> list[bool]:
+        return [False] * len(ids)
+
+    def add(self, ids: Sequence[str], ts: Sequence[int]) -> None:
+        pass
+
+    def expire(self, wm: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return 0

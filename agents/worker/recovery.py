@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from kpimon.agents.core.batch import Record, apply, decode
-from kpimon.agents.core.dedup import DedupStore
+from kpimon.agents.core.dedup import DedupStore, NoDedup
 from kpimon.agents.core.engine import Closed, EngineConfig, PartitionEngine
 from kpimon.agents.serving.lua import FORCE, RESET
 from kpimon.agents.serving.writer import ServingWriter
@@ -289,11 +289,14 @@ async def replay_users(cfg: EngineConfig, read: LogReader, p: int, found: dict[i
     """Every user of partition ``p`` as of the end of its state log, from a fresh replay (data-loss repair):
     the newest checkpoint if there is one, then the log after it.
 
-    Returns the engine's records of every user (lifetime revenue included; the
+    The replay remembers no event ids (:class:`NoDedup`): it only re-applies
+    records, so its memory is that of the partition's users.  Returns the
+    engine's records of every user (lifetime revenue included; the
     first signup's details for the signups replayed) and the state-log
     position reached.
     """
-    rec = (await replay_partitions(cfg, read, [p], found=found, starts=starts, track_users=True))[p]
+    rec = (await replay_partitions(cfg, read, [p], stores=lambda _: NoDedup(cfg.dedup_horizon), found=found,
+                                   starts=starts, track_users=True))[p]
     rec.engine.touch_all()
     return rec.engine.take_touched(), rec.log_end
 

@@ -16,6 +16,7 @@ import json
 import pytest
 
 from kpimon.agents.core.batch import Record
+from kpimon.agents.core.dedup import NoDedup
 from kpimon.agents.core.engine import EngineConfig
 from kpimon.agents.worker import recovery
 from tests.factories import DAY, settings_factory
@@ -55,3 +56,20 @@ def test_recovery_returns_what_every_replayed_record_closed(cut) -> None:
     # In particular the periods closed before the last record, which a last-record-only outbox would lose.
     _, _, before_last = replay_records(records[:-1], settings)
     assert before_last and set(map(repr, closed_state(before_last))) <= set(map(repr, closed_state(rec.closed)))
+
+
+def test_the_serving_repair_replay_gives_every_user_and_remembers_no_ids() -> None:
+    settings = settings_factory()
+    run = run_pipeline(_lines(), settings, 1, T0 + 20 * DAY, batch_size=3)
+    records = run.records[0]
+    engine, _, _ = replay_records(records, settings)
+    assert len(engine.dedup_store) == len(_lines())  # a replay that decides on events remembers them all
+
+    cfg = EngineConfig.from_settings(settings)
+    users, end = asyncio.run(recovery.replay_users(cfg, _reader(records), 0))
+    assert end == len(records)
+    assert {uid: (v[0], v[1], v[4]) for uid, v in users.items()} == {
+        uid: (last, zone, engine.lifetime.get(uid, 0)) for uid, (zone, last, _, _) in engine.users_state().items()}
+    rec = asyncio.run(recovery.replay_partitions(cfg, _reader(records), [0],
+                                                 stores=lambda _: NoDedup(cfg.dedup_horizon)))[0]
+    assert len(rec.engine.dedup_store) == 0 and rec.engine.users_state() == engine.users_state()
