@@ -230,7 +230,7 @@ class IngestService:
         counts: dict[int, int] = {}
         for p, _ in results:
             counts[p] = counts.get(p, 0) + 1
-        snaps = {p: (checkpoint.take(self.engines[p], p, offsets.get(p)), self.engines[p].max_ts)
+        snaps = {p: (checkpoint.take(self.engines[p], p, offsets.get(p)), self.engines[p].max_ts, self.engines[p].wm)
                  for p, n in counts.items() if self.checkpointer.due(p, n)}
         commit = await self.settle()
         self._inflight = asyncio.ensure_future(self._write(results, derived, serving, seals, snaps))
@@ -290,7 +290,7 @@ class IngestService:
     async def _write(self, results: list[tuple[int, Batch]], derived: dict[int, tuple],
                      serving: list[dict] | None = None,
                      seals: list[int | None] | None = None,
-                     snaps: dict[int, tuple[bytes, int]] | None = None) -> dict[TopicPartition, int]:
+                     snaps: dict[int, tuple[bytes, int, int]] | None = None) -> dict[TopicPartition, int]:
         t = self.topics
         side = []
         for p, out in results:
@@ -341,10 +341,11 @@ class IngestService:
         if snaps:
             # Everything the checkpointed state produced is out: the checkpoints may now count.
             positions = {p: ack.offset + 1 for (p, _), ack in zip(results, acks)}
-            for p, (data, max_ts) in snaps.items():
-                engine = self.engines.get(p)
-                if engine is not None and self.producer is not None:
-                    await self.checkpointer.write(self.producer, p, data, positions[p], max_ts, engine.wm)
+            # Each with the watermark it was captured at (the engines have moved on with the next poll): what
+            # the checkpoint lets go of in the state log is decided by its own state.
+            for p, (data, max_ts, cp_wm) in snaps.items():
+                if p in self.engines and self.producer is not None:
+                    await self.checkpointer.write(self.producer, p, data, positions[p], max_ts, cp_wm)
         self.batches += 1
         ends: dict[int, int] = {}
         for p, out in results:
