@@ -7,8 +7,8 @@ key and the fault, e.g.::
 
 Connection settings can be overridden from the environment (``KPIMON_BROKER``,
 ``KPIMON_REDIS_URL``, ``KPIMON_WEB_HOST``, ``KPIMON_WEB_PORT``,
-``KPIMON_TOPIC_PREFIX``, ``KPIMON_STATE_DIR``); secrets never live in the file: the API token comes
-only from ``KPIMON_API_TOKEN`` and is excluded from dumps.
+``KPIMON_TOPIC_PREFIX``, ``KPIMON_STATE_DIR``, ``KPIMON_INSTANCE_ID``); secrets never live in the
+file: the API token comes only from ``KPIMON_API_TOKEN`` and is excluded from dumps.
 """
 
 from __future__ import annotations
@@ -187,6 +187,10 @@ class Worker(_Model):
     state_dir: Annotated[str, AfterValidator(os.path.expanduser)] = Field(default_factory=_default_state_dir,
                                                                           min_length=1)
     dedup_store: Literal["disk", "memory"] = "disk"  # memory: every id of the horizon in RAM (tests, tools)
+    # Static group membership (agents/worker/instance.py): a restarted worker takes its partitions back at once
+    # instead of after session_timeout.  instance_id: this worker's group.instance.id (default: <host>-<slot>).
+    static_membership: bool = True
+    instance_id: str | None = Field(default=None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._-]+$")
     # Checkpoints of each partition's engine (agents/worker/checkpoints.py): after this much time or this many
     # state-log records, whichever comes first; off: recovery replays the whole state log, nothing is deleted.
     # Opt-in for now: one CI run saw an under-count after a SIGKILL with checkpoints every few records and a
@@ -310,6 +314,7 @@ _ENV = {
     "KPIMON_WEB_PORT": ("worker", "web_port"),
     "KPIMON_APP_ID": ("worker", "app_id"),
     "KPIMON_STATE_DIR": ("worker", "state_dir"),
+    "KPIMON_INSTANCE_ID": ("worker", "instance_id"),
 }
 
 

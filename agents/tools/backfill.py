@@ -252,7 +252,8 @@ def spawn_worker(config_path: str, log_path: str, env: dict[str, str] | None = N
     """``kpimon worker --config PATH`` as a child process (its own process group)."""
     logf = open(log_path, "ab")
     full_env = dict(os.environ)
-    for var in ("KPIMON_BROKER", "KPIMON_TOPIC_PREFIX", "KPIMON_WEB_PORT", "KPIMON_APP_ID", "KPIMON_STATE_DIR"):
+    for var in ("KPIMON_BROKER", "KPIMON_TOPIC_PREFIX", "KPIMON_WEB_PORT", "KPIMON_APP_ID", "KPIMON_STATE_DIR",
+                "KPIMON_INSTANCE_ID"):
         full_env.pop(var, None)
     full_env.update(env or {})
     return subprocess.Popen(kpimon_command("worker", "--config", config_path), stdout=logf, stderr=subprocess.STDOUT,

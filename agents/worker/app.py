@@ -38,6 +38,7 @@ from kpimon.agents.core.step import close_step
 from kpimon.agents.metrics.exporter import KpimonMetrics, StateCollector, new_registry
 from kpimon.agents.metrics.live_kpis import KpiCollector, LiveKpis
 from kpimon.agents.serving.snapshots import SnapshotStore
+from kpimon.agents.worker import instance as worker_instance
 from kpimon.agents.worker.health import Health
 from kpimon.agents.worker.ingest import IngestService
 from kpimon.errors import KpimonError
@@ -103,6 +104,7 @@ if TYPE_CHECKING:
 
         kpimon_settings: Any
         kpimon_ingest: IngestService
+        kpimon_instance: worker_instance.Instance | None
         kpimon_registry: CollectorRegistry
         kpimon_health: Health
         kpimon_on_fatal: Callable[[BaseException], None] | None
@@ -130,7 +132,11 @@ def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spe
     topics = Topics(settings.kafka.topic_prefix, settings.worker.app_id)
     registry = registry or new_registry()
     metrics = KpimonMetrics(registry, settings.event_types, settings.channels, settings.money.decimals)
-    ingest = IngestService(settings, metrics)
+    # Static group membership for both consumer groups (agents/worker/instance.py): a restarted worker takes
+    # its partitions back at once.  The slot's lock lives as long as the process.
+    instance = worker_instance.for_settings(settings)
+    instance_id = instance.id if instance is not None else None
+    ingest = IngestService(settings, metrics, instance_id=instance_id)
     registry.register(StateCollector(ingest.owned_engines, settings.money.decimals))
     session = max(2.0, settings.worker.session_timeout / 1000)
     datadir = os.path.join(tempfile.gettempdir(), "kpimon-faust")
@@ -148,6 +154,7 @@ def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spe
         web_bind=settings.worker.web_host,
         web_port=settings.worker.web_port,
         broker_session_timeout=session,
+        consumer_group_instance_id=instance_id,
         broker_heartbeat_interval=max(0.3, session / 4),
         broker_rebalance_timeout=max(2.0, session),
         consumer_auto_offset_reset="earliest",
@@ -159,6 +166,7 @@ def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spe
     )
     app.kpimon_settings = settings
     app.kpimon_ingest = ingest
+    app.kpimon_instance = instance
     app.kpimon_registry = registry
     health = Health(registry)
     app.kpimon_health = health

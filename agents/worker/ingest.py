@@ -69,8 +69,10 @@ class _Listener(ConsumerRebalanceListener):
 class IngestService:
     """Owns the consumer, the producer and one engine per assigned partition."""
 
-    def __init__(self, settings: Any, metrics: KpimonMetrics | None = None, serving: Any = None) -> None:
+    def __init__(self, settings: Any, metrics: KpimonMetrics | None = None, serving: Any = None,
+                 instance_id: str | None = None) -> None:
         self.settings = settings
+        self.instance_id = instance_id  # the consumer's group.instance.id (static membership), or None
         self.topics = Topics(settings.kafka.topic_prefix, settings.worker.app_id)
         self.cfg = EngineConfig.from_settings(settings)
         self.decoder = Decoder(settings.money.decimals, min_epoch_ms=settings.min_epoch_ms)
@@ -114,7 +116,8 @@ class IngestService:
         await self.producer.start()
         session = w.session_timeout
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=self.group_id, enable_auto_commit=False,
+            bootstrap_servers=bootstrap, group_id=self.group_id, group_instance_id=self.instance_id,
+            enable_auto_commit=False,
             auto_offset_reset="earliest", session_timeout_ms=session, heartbeat_interval_ms=max(100, session // 4),
             rebalance_timeout_ms=max(session, 30000), max_poll_interval_ms=300000,
             max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024,
