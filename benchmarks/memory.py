@@ -2,6 +2,7 @@
 
     python3 -m benchmarks.memory [--mode per-user] [--users 1000000]
     python3 -m benchmarks.memory --mode soak [--minutes 10] [--rate 5000] [--users 50000]
+    python3 -m benchmarks.memory --mode soak --config default --users 1000000 --rate 28000 --minutes 32
 
 ``--mode per-user`` (default) builds a PartitionEngine (agents.core.engine)
 from ``config.settings.from_mapping`` with default settings except
@@ -42,6 +43,16 @@ as a small residual slope next to the population column.
 
 Prints tables; results go to benchmarks/results/memory.json under the keys
 ``per_user`` and ``soak``.
+
+``--config default`` soaks the packaged default settings instead (7-day
+``dedup_horizon``, 5-minute ``lateness``, default lifecycle thresholds, dedup
+store on disk) with event time compressed: the worker runs the event clock,
+and the pool's events carry ``ts`` = start + ``--event-speed`` x the wall time
+elapsed (default 600: 30 minutes of running cover 12.5 days of event time,
+so the dedup horizon fills up and then expires as it goes), each event up to
+60 s of event time behind at random (within lateness).  Each sample also
+reads the disk used by the worker's ``state_dir`` (its dedup stores).  The
+report compares the peak RSS with the target 200 B x users + 300 MB.
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ import gc
 import json
 import multiprocessing as mp
 import os
+import random
 import tempfile
 import time
 import uuid
@@ -192,7 +204,7 @@ def per_user(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- soak (live worker)
 async def _soak_load(args: argparse.Namespace, bootstrap: str, topic: str, partitions: int, workers: Any,
-                     url: str, samples: list) -> dict[str, Any]:
+                     url: str, samples: list, state_dir: str | None = None) -> dict[str, Any]:
     from kpimon.agents.tools.simulator import DAY_MS, EVENTS_PER_USER_DAY, Simulator
 
     producer = _live.new_producer(bootstrap)
@@ -223,6 +235,9 @@ async def _soak_load(args: argparse.Namespace, bootstrap: str, topic: str, parti
               f"({len(sim.population):,} users signed up so far)", flush=True)
     else:
         last_ms = int(time.time() * 1000)
+    speed = args.event_speed if args.config == "default" else None
+    start_ms = 1_767_225_600_000  # 2026-01-01T00:00:00Z: event time of the compressed run
+    jitter = random.Random(args.seed)
     t0 = time.time()
     t_end = t0 + args.minutes * 60
     next_sample = t0
@@ -247,7 +262,8 @@ async def _soak_load(args: argparse.Namespace, bootstrap: str, topic: str, parti
                     cpu_pct = 100 * (cpu - cpu_prev[1]) / (now - cpu_prev[0])
                 cpu_prev = (now, cpu)
                 s = {"t": now - t0, "rss": rss, "accepted": accepted, "produced": produced,
-                     "population": population, "worker_cpu_pct": cpu_pct}
+                     "population": population, "worker_cpu_pct": cpu_pct,
+                     "state_disk": _live.disk_usage(state_dir) if state_dir else None}
                 samples.append(s)
                 print(_row(s, samples[0]), flush=True)
                 next_sample += args.interval
@@ -260,9 +276,11 @@ async def _soak_load(args: argparse.Namespace, bootstrap: str, topic: str, parti
             else:
                 n = int((now - t0) * args.rate) - produced
                 items = []
+                ts = now_ms if speed is None else start_ms + int((now - t0) * 1000 * speed)
                 for j in range(produced, produced + n):
                     u = (j * 7919) % args.users
-                    items.append((b"u%d" % u, _POOL[j % len(_POOL)] % (j, u, now_ms)))
+                    t = ts if speed is None else ts - int(jitter.random() ** 8 * 60_000)
+                    items.append((b"u%d" % u, _POOL[j % len(_POOL)] % (j, u, t)))
             last_ms = now_ms
             if items:
                 batches: dict[int, Any] = {}
@@ -325,9 +343,17 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         bootstrap = broker.bootstrap
         # agents.backfill.worker_settings: the demo config with this broker, prefix and port, live clock,
         # session timeout 3s (and whatever else it adapts, e.g. the KPI spec's path made absolute).
-        data = bf.worker_settings(demo, broker=f"kafka://{bootstrap}", prefix=prefix, partitions=args.partitions,
-                                  web_port=free_port(), state_dir=os.path.join(tmp, "state"), clock="live")
-        data.update(lateness="5s", dedup_horizon="1m")
+        state_dir = os.path.join(tmp, "state")
+        if args.config == "default":
+            # The packaged defaults (7d dedup_horizon, 5m lateness, dedup store on disk), event time compressed.
+            data = bf.worker_settings(from_mapping({}, "<defaults>", env={}), broker=f"kafka://{bootstrap}",
+                                      prefix=prefix, partitions=args.partitions, web_port=free_port(),
+                                      state_dir=state_dir, clock="event")
+        else:
+            data = bf.worker_settings(demo, broker=f"kafka://{bootstrap}", prefix=prefix,
+                                      partitions=args.partitions, web_port=free_port(), state_dir=state_dir,
+                                      clock="live")
+            data.update(lateness="5s", dedup_horizon="1m")
         settings = from_mapping(data, "<bench>", env={})
         topics = Topics(prefix, settings.worker.app_id)
         admin.ensure_topics(bootstrap, topics, args.partitions)
@@ -338,15 +364,18 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             print(f"worker pid {workers.procs[0].pid} ready; {args.rate:,.0f} events/s target, source "
                   f"{args.source}, sampling VmRSS every {args.interval:g}s for {args.minutes:g} min", flush=True)
             load_info = asyncio.run(_soak_load(args, bootstrap, topics.events, args.partitions, workers, url,
-                                               samples))
+                                               samples, state_dir))
         finally:
             workers.stop()
             _live.write_json(_live.RESULTS / "memory-soak-samples.json", {"samples": samples})
-    return report_soak(samples, args, load_info, info, demo.lifecycle.model_dump(mode="json"))
+    return report_soak(samples, args, load_info, info, settings)
 
 
 def report_soak(samples: list[dict], args: argparse.Namespace, load_info: dict, info: dict,
-                lifecycle: dict) -> dict[str, Any]:
+                settings: Any) -> dict[str, Any]:
+    lifecycle = settings.lifecycle.model_dump(mode="json")
+    conf = {"clock": settings.worker.clock, "lateness": f"{settings.lateness // 1000}s",
+            "dedup_horizon": f"{settings.dedup_horizon // 1000}s", "dedup_store": settings.worker.dedup_store}
     mb = 1024 * 1024
     good = [s for s in samples if s["rss"] is not None]
     half = len(good) // 2
@@ -372,9 +401,9 @@ def report_soak(samples: list[dict], args: argparse.Namespace, load_info: dict, 
     def fmt(v: float | None, spec: str, width: int) -> str:
         return f"{'-':>{width}}" if v is None else f"{format(v, spec):>{width}}"
 
-    print(f"\nsoak: worker VmRSS under {rate:,.0f} events/s achieved (target {args.rate:,.0f}), source "
-          f"{args.source}, {args.users:,} users, {args.partitions} partitions, clock live, lateness 5s, "
-          f"dedup_horizon 1m, demo lifecycle thresholds; {len(good)} samples over {load_info['seconds']:.0f}s")
+    print(f"\nsoak: worker VmRSS under {rate:,.0f} events/s produced (target {args.rate:,.0f}), source "
+          f"{args.source}, {args.users:,} users, {args.partitions} partitions, {args.config} settings {conf}; "
+          f"{len(good)} samples over {load_info['seconds']:.0f}s")
     print(f"{'half':6} {'RSS slope MB/min':>17} {'tracked users/min':>18}")
     print(f"{'first':6} {fmt(s1, '.2f', 17)} {fmt(u1, ',.0f', 18)}")
     print(f"{'last':6} {fmt(s2, '.2f', 17)} {fmt(u2, ',.0f', 18)}")
@@ -386,11 +415,27 @@ def report_soak(samples: list[dict], args: argparse.Namespace, load_info: dict, 
                          "NO -- RSS still growing in the last half")
           + "; each newly tracked user stays in memory for good, so a residual slope that matches "
             "'tracked users/min' x bytes per user (benchmarks.memory --mode per-user) is not a leak")
+    target = 200 * args.users + 300 * mb
+    disk_last = next((s["state_disk"] for s in reversed(samples) if s.get("state_disk") is not None), None)
+    accepted_last = next((s["accepted"] for s in reversed(samples) if s.get("accepted") is not None), None)
+    if good:
+        peak = max(s["rss"] for s in good)
+        print(f"RSS target 200 B x {args.users:,} users + 300 MB = {target / mb:,.0f} MB: peak {peak / mb:,.0f} MB "
+              f"({'within' if peak <= target else 'ABOVE'} it)")
+    if disk_last is not None and accepted_last:
+        # Ids kept at the end: the events of the last dedup_horizon of event time (in wall seconds: / speed).
+        speed = args.event_speed if args.config == "default" else 1.0
+        horizon_wall_s = settings.dedup_horizon / 1000 / speed
+        kept = min(accepted_last, accepted_last / load_info["seconds"] * horizon_wall_s)
+        print(f"state_dir (dedup stores) {disk_last / mb:,.0f} MB at the end, {accepted_last:,.0f} events accepted, "
+              f"about {kept:,.0f} ids within the horizon: {disk_last / mb / max(1.0, kept / 1e6):,.1f} MB per "
+              "million ids")
     return {"date": datetime.now(UTC).isoformat(timespec="seconds"), **info, "broker": "apache",
             "source": args.source, "target_rate": args.rate, "achieved_rate": rate, "users": args.users,
             "partitions": args.partitions, "minutes": args.minutes, "interval_s": args.interval,
-            "settings": {"clock": "live", "lateness": "5s", "dedup_horizon": "1m",
-                         "lifecycle": lifecycle},
+            "config": args.config, "event_speed": args.event_speed if args.config == "default" else None,
+            "settings": {**conf, "lifecycle": lifecycle}, "rss_target_bytes": target,
+            "state_disk_bytes_last": disk_last, "accepted_last": accepted_last,
             "samples": samples, "rss_slope_mb_per_min": {"first_half": s1, "last_half": s2},
             "population_slope_per_min": {"first_half": u1, "last_half": u2}, "slope_ratio": ratio,
             "rss_bytes_per_new_user_last_half": per_new_user, "plateau": plateau, **load_info}
@@ -413,6 +458,11 @@ def main() -> None:
     ap.add_argument("--source", choices=["simulator", "pool"], default="simulator",
                     help="soak: simulator traffic (default) or uniform traffic over exactly --users users")
     ap.add_argument("--warmup-days", type=float, default=120, help="soak: simulated days before the run, not sent")
+    ap.add_argument("--config", choices=["demo", "default"], default="demo",
+                    help="soak: demo settings, live clock, short horizons (default); or the packaged default "
+                         "settings with event time compressed (event clock, see --event-speed)")
+    ap.add_argument("--event-speed", type=float, default=600,
+                    help="soak --config default: event milliseconds per wall millisecond (default 600)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(_live.RESULTS / "memory.json"))
     args = ap.parse_args()

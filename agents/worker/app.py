@@ -132,8 +132,10 @@ def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spe
     topics = Topics(settings.kafka.topic_prefix, settings.worker.app_id)
     registry = registry or new_registry()
     metrics = KpimonMetrics(registry, settings.event_types, settings.channels, settings.money.decimals)
-    # Static group membership for both consumer groups (agents/worker/instance.py): a restarted worker takes
-    # its partitions back at once.  The slot's lock lives as long as the process.
+    # Static group membership of the ingest consumer group (agents/worker/instance.py): a restarted worker
+    # takes its partitions back at once.  The slot's lock lives as long as the process.  Not for the faust
+    # app's group: a static member rejoining gets the assignment the leader computed from its previous
+    # metadata, and faust's assignor refuses one whose web URL differs (a new web_port) and stops the worker.
     instance = worker_instance.for_settings(settings)
     instance_id = instance.id if instance is not None else None
     ingest = IngestService(settings, metrics, instance_id=instance_id)
@@ -154,7 +156,6 @@ def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spe
         web_bind=settings.worker.web_host,
         web_port=settings.worker.web_port,
         broker_session_timeout=session,
-        consumer_group_instance_id=instance_id,
         broker_heartbeat_interval=max(0.3, session / 4),
         broker_rebalance_timeout=max(2.0, session),
         consumer_auto_offset_reset="earliest",

@@ -70,3 +70,15 @@ def test_settings_choose_static_membership_or_not(tmp_path) -> None:
     named.release()
     assert instance.for_settings(settings_factory(worker={"state_dir": str(tmp_path),
                                                            "static_membership": False})) is None
+
+
+def test_only_the_ingest_group_is_static(tmp_path) -> None:
+    """faust's assignor refuses a static rejoin's cached assignment made for another web address: its group
+    stays dynamic, the ingest consumer (ours) is static."""
+    from kpimon.agents.worker.app import create_app
+
+    app = create_app(settings_factory(worker={"state_dir": str(tmp_path)}))
+    assert app.kpimon_instance is not None and app.kpimon_instance.id.endswith("-0")
+    assert app.kpimon_ingest.instance_id == app.kpimon_instance.id
+    assert app.conf.consumer_group_instance_id is None
+    app.kpimon_instance.release()
