@@ -369,6 +369,8 @@ def main() -> None:
           f"session_timeout={args.session_timeout}, clock=event, {os.cpu_count()} cores; {info}", flush=True)
     rows = []
     with ApacheKafka() as broker, tempfile.TemporaryDirectory(prefix="kpimon-restart-") as tmp:
+        if os.environ.get("KPIMON_BENCH_KEEP"):
+            tmp = tempfile.mkdtemp(prefix="kpimon-restart-kept-")  # logs kept for a look afterwards
         for n in sizes:
             rows.append(run_size(broker.bootstrap, tmp, n, args))
 

@@ -171,15 +171,18 @@ class Book:
         """Version 1 of a newly closed period (plus a restatement for late events already waiting)."""
         tx = Staged()
         key = f"{grain}/{label}"
-        if self._get(tx, self.versions, key) is not None:
-            return tx  # a repeated close: version 1 exists
-        self._set(tx, self.versions, key, {"version": 1, "start": start, "end": end, "metrics": metrics.to_wire(),
-                                           "late": []})
-        tx.snapshots.append(self._snapshot(tx, grain, label, start, end, metrics, 1, None, 0))
+        if self._get(tx, self.versions, key) is None:
+            self._set(tx, self.versions, key, {"version": 1, "start": start, "end": end,
+                                               "metrics": metrics.to_wire(), "late": []})
+            tx.snapshots.append(self._snapshot(tx, grain, label, start, end, metrics, 1, None, 0))
+        # A repeated close finds version 1; late events still waiting (a crash after version 1 was written,
+        # before they were restated) are restated now.  Restating skips events already in a version, and the
+        # waiting events are dropped only after the restatement is written: a crash in between (the changes
+        # reach the changelog in this order) leaves them waiting, never lost.
         waiting = self._get(tx, self.pending, key)
         if waiting:
-            self._set(tx, self.pending, key, None)
             self._restate(tx, key, [self._ev_decode(b) for b in waiting["events"]])
+            self._set(tx, self.pending, key, None)
         return tx
 
     def on_late(self, events: list[Event]) -> Staged:

@@ -40,8 +40,7 @@ class LiveKpis:
         if self.settings.worker.clock == "live":
             return int(time.time() * 1000)
         # Event clock: as of the global watermark (every partition has reached it).
-        parts = max((int(p.get("partitions", 0)) for k, p in self.aggregator.progress.items() if k.isdigit()),
-                    default=0)
+        parts = self.aggregator.partition_count()
         return (self.aggregator.global_watermark(parts) or 0) if parts else 0
 
     def evaluate(self) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import mode
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from kpimon.agents.core.aggregate import Aggregator
+from kpimon.agents.core.aggregate import Aggregator, Prefixed
 from kpimon.agents.core.ledger import Book, canonical
 from kpimon.agents.core.metrics import PeriodMetrics
 from kpimon.agents.core.periods import Calendar
@@ -188,9 +188,14 @@ def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spe
 
     app.kpimon_fail = fail
 
-    @app.service
     class IngestWorker(mode.Service):
-        """Hosts the batch consumer inside the faust worker."""
+        """Hosts the batch consumer inside the faust worker.
+
+        A dependency of the app itself, not an ``app.service``: faust starts those only once its own
+        group has joined and its Tables are recovered, which after a crash waits out the dead process's
+        session (the faust group is dynamic, see agents/worker/instance.py).  Ingest has its own clients
+        and a static member id, so it starts with the app and processes while faust still waits.
+        """
 
         async def on_start(self) -> None:
             await ingest.start()
@@ -204,6 +209,8 @@ def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spe
 
         async def on_stop(self) -> None:
             await ingest.stop()
+
+    app.add_dependency(IngestWorker(beacon=app.beacon))  # started with the app, before its own children
 
     @app.service
     class CrashWatch(mode.Service):
@@ -235,23 +242,27 @@ def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spe
 
     partials_topic = app.topic(topics.partials, value_serializer="raw", key_serializer="raw", partitions=1)
     periods_topic = app.topic(topics.periods, value_serializer="raw", key_serializer="raw", partitions=1)
-    partials_table = app.Table("period-partials", default=None, partitions=1)
+    def ledger_table(name: str) -> LedgerTable:  # as app.Table does it, with our class
+        table = LedgerTable(app, name=name, default=None, beacon=app.tables.beacon, partitions=1)
+        app.tables.add(table)
+        return table
+
+    # The aggregation and the ledger write all their state to this one Table: one changelog, so a crash
+    # leaves a prefix of their writes in processing order (agents/core/aggregate.py).  The other Tables hold
+    # what earlier versions wrote there, and are only read.
+    state_table = ledger_table("period-partials")
     progress_table = app.Table("partition-progress", default=None, partitions=1)
     closed_table = app.Table("closed-periods", default=None, partitions=1)
     # Watermark notices: throttled in live mode (ticks every second), every change with the event clock.
-    aggregator = Aggregator(partials_table, progress_table, closed_table,
+    aggregator = Aggregator(state_table, progress_table, closed_table,
                             notice_every_ms=60_000 if settings.worker.clock == "live" else 0)
     app.kpimon_aggregator = aggregator
     app.kpimon_periods_topic = periods_topic
 
     snapshots_topic = app.topic(topics.snapshots, value_serializer="raw", key_serializer="raw", partitions=1)
     late_topic = app.topic(topics.late, value_serializer="raw", key_serializer="raw", partitions=1)
-    def ledger_table(name: str) -> LedgerTable:  # as app.Table does it, with our class
-        table = LedgerTable(app, name=name, default=None, beacon=app.tables.beacon, partitions=1)
-        app.tables.add(table)
-        return table
-
-    book = Book(ledger_table("ledger-versions"), ledger_table("ledger-pending"),
+    book = Book(Prefixed(state_table, "ledger/", legacy=ledger_table("ledger-versions")),
+                Prefixed(state_table, "pending/", legacy=ledger_table("ledger-pending")),
                 calendar=Calendar(settings.timezone), warning_state=settings.lifecycle.warning_state,
                 decimals=settings.money.decimals, config_version=config_version(settings, kpi_spec),
                 evaluate=kpi_evaluator(kpi_spec, settings) if kpi_spec is not None else None)

@@ -93,8 +93,10 @@ async def test_the_ledger_tables_can_be_written_after_a_batch_was_taken(app):
 
     assert current_event() is None
     book = app.kpimon_book
-    with patch.object(book.versions.changelog_topic, "send_soon") as versions, \
-            patch.object(book.pending.changelog_topic, "send_soon") as pending:
+    # The ledger lives in the aggregation's state Table (one changelog for all their writes).
+    assert book.versions.base is book.pending.base is app.kpimon_aggregator.state
+    with patch.object(app.kpimon_aggregator.state.changelog_topic, "send_soon") as sent:
         book.versions["day/2024-01-01"] = {"version": 1}
         book.pending["day/2024-01-01"] = [{"event_id": "late-1"}]
-    assert versions.call_args.kwargs["partition"] == 0 and pending.call_args.kwargs["partition"] == 0
+    assert [c.kwargs["partition"] for c in sent.call_args_list] == [0, 0]
+    assert [c.kwargs["key"] for c in sent.call_args_list] == ["ledger/day/2024-01-01", "pending/day/2024-01-01"]

@@ -66,11 +66,17 @@ class Pipeline:
         proc.wait()
 
     def log(self) -> str:
-        out = []
-        for i in range(len(self.workers)):
-            with open(os.path.join(self.workdir, f"worker-{i}.log"), errors="replace") as fh:
-                out.append(f"--- worker-{i} ---\n" + fh.read()[-4000:])
-        return "\n".join(out)
+        """The end of every worker's log (for assertion messages)."""
+        return "\n".join(f"--- worker-{i} ---\n" + self.worker_log(i)[-4000:] for i in range(len(self.workers)))
+
+    def worker_log(self, i: int) -> str:
+        """All of worker ``i``'s log."""
+        with open(os.path.join(self.workdir, f"worker-{i}.log"), errors="replace") as fh:
+            return fh.read()
+
+    def logged(self, text: str) -> bool:
+        """Whether any worker logged ``text``."""
+        return any(text in self.worker_log(i) for i in range(len(self.workers)))
 
     def report(self, until_ms: int, timeout_s: float = 180) -> dict:
         reader = bf.PeriodsReader(self.bootstrap, self.topics.periods)

@@ -83,7 +83,7 @@ def test_truncated_log_sigkill_and_restart_give_the_identical_report(kafka, pipe
     _report_equals_reference(p, lines, until)
     firsts, ends = _offsets(kafka.bootstrap, p.topics.state_log, 2)
     assert all(f > 0 for f in firsts) and sum(ends) - sum(firsts) < sum(ends) // 2, (firsts, ends)
-    assert "restored" in p.log()
+    assert p.logged("restored"), p.log()
     # A clean stop and a third start: recovery from the newest checkpoint, same numbers.
     bf.stop_worker(second)
     p.start_worker()
@@ -114,7 +114,7 @@ def test_a_corrupted_checkpoint_falls_back_and_lost_ones_are_refused(kafka, pipe
     asyncio.run(_append_torn_commit(kafka.bootstrap, p.topics.checkpoints, 0, ends[0]))
     second = p.start_worker()
     _report_equals_reference(p, lines, until)
-    _wait(lambda: "trying an older one" in p.log(), second, p, timeout_s=30)
+    _wait(lambda: p.logged("trying an older one"), second, p, timeout_s=30)
     p.kill(second)
 
     # Every checkpoint lost while the log is cut: the worker refuses to start rather than count from nothing.
@@ -122,4 +122,4 @@ def test_a_corrupted_checkpoint_falls_back_and_lost_ones_are_refused(kafka, pipe
     asyncio.run(checkpoints.delete_before(kafka.bootstrap, {(p.topics.checkpoints, 0): cp_ends[0]}))
     third = p.start_worker()
     assert third.wait(timeout=120) != 0
-    assert "no intact checkpoint covers" in p.log()
+    assert p.logged("no intact checkpoint covers"), p.log()

@@ -175,11 +175,9 @@ def test_a_redis_outage_mid_stream_loses_nothing_from_the_serving_layer(outage_r
     want_sets = {s: sorted((u["last_activity"], uid) for uid, u in expected.items() if u["state"] == s)
                  for s in STATES}
     assert at_risk_sets(client, prefix) == want_sets
-    log = p.log()
-    assert "serving layer unavailable" in log
-    assert "caught up" in log
+    assert p.logged("serving layer unavailable") and p.logged("caught up"), p.log()
     if not run["persistent"]:
-        assert "rebuilding it from the state log" in log
+        assert p.logged("rebuilding it from the state log"), p.log()
     final = metrics(p)
     assert final["kpimon_serving_up"] == 1 and final["kpimon_serving_backlog_users"] == 0
 
@@ -257,7 +255,7 @@ def test_a_worker_killed_with_a_backlog_loses_nothing(kafka, pipeline_factory):
         assert metrics(p)["kpimon_serving_backlog_users"] > 0
         p.kill(first)
         p.start_worker()  # recovers while Redis is still down: collects every user of its partitions
-        wait_for(lambda: "every user of them will be rewritten" in p.log(), 120, "the recovery without Redis", p)
+        wait_for(lambda: p.logged("every user of them will be rewritten"), 120, "the recovery without Redis", p)
         server.start()
         wait_for(lambda: metrics(p)["kpimon_serving_backlog_users"] == 0 and metrics(p)["kpimon_serving_up"] == 1,
                  120, "the serving layer to catch up", p)
