@@ -269,15 +269,3 @@ def git_state() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"git_head": head, "product_code_dirty": bool(dirty)}
-
-
-def disk_usage(path: str) -> int:
-    """Bytes of the files under ``path`` (0 if it does not exist)."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.path.getsize(os.path.join(root, name))
-            except OSError:
-                pass
-    return total

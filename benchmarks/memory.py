@@ -206,6 +206,7 @@ def per_user(args: argparse.Namespace) -> dict[str, Any]:
 async def _soak_load(args: argparse.Namespace, bootstrap: str, topic: str, partitions: int, workers: Any,
                      url: str, samples: list, state_dir: str | None = None) -> dict[str, Any]:
     from kpimon.agents.tools.simulator import DAY_MS, EVENTS_PER_USER_DAY, Simulator
+    from kpimon.agents.worker.dedup_store import disk_usage
 
     producer = _live.new_producer(bootstrap)
     await producer.start()
@@ -263,7 +264,7 @@ async def _soak_load(args: argparse.Namespace, bootstrap: str, topic: str, parti
                 cpu_prev = (now, cpu)
                 s = {"t": now - t0, "rss": rss, "accepted": accepted, "produced": produced,
                      "population": population, "worker_cpu_pct": cpu_pct,
-                     "state_disk": _live.disk_usage(state_dir) if state_dir else None}
+                     "state_disk": disk_usage(state_dir) if state_dir else None}
                 samples.append(s)
                 print(_row(s, samples[0]), flush=True)
                 next_sample += args.interval

@@ -193,9 +193,7 @@ class Worker(_Model):
     instance_id: str | None = Field(default=None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._-]+$")
     # Checkpoints of each partition's engine (agents/worker/checkpoints.py): after this much time or this many
     # state-log records, whichever comes first; off: recovery replays the whole state log, nothing is deleted.
-    # Opt-in for now: one CI run saw an under-count after a SIGKILL with checkpoints every few records and a
-    # cut state log (tests/integration/test_checkpoints.py); until that is understood, the default keeps the log.
-    checkpoints: bool = False
+    checkpoints: bool = True
     checkpoint_interval: CheckpointDuration = parse_duration("1m")
     checkpoint_records: int = Field(default=5000, ge=1, le=10_000_000)
 

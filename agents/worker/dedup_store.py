@@ -483,14 +483,19 @@ class RocksDedup:
 
     def disk_bytes(self) -> int:
         """Bytes of the store's files (tools and benchmarks)."""
-        total = 0
-        for root, _, files in os.walk(self.path):
-            for f in files:
-                try:
-                    total += os.path.getsize(os.path.join(root, f))
-                except OSError:
-                    pass
-        return total
+        return disk_usage(self.path)
+
+
+def disk_usage(path: str) -> int:
+    """Bytes of the files under ``path`` (0 if it does not exist): a store, or a whole ``state_dir``."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
 
 
 _private_names = itertools.count()

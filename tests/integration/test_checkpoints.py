@@ -90,6 +90,22 @@ def test_truncated_log_sigkill_and_restart_give_the_identical_report(kafka, pipe
     _report_equals_reference(p, lines, until)
 
 
+def test_a_second_sigkill_soon_after_the_restart_still_gives_the_identical_report(kafka, pipeline_factory,
+                                                                                  history) -> None:
+    """Killed once mid-stream, and again about a second after the restart (recovery done, its first
+    batches and re-published periods in flight): the third worker's report is the reference's."""
+    lines, until = history
+    p, first = _checkpointing(kafka, pipeline_factory, history, 2)
+    _wait(lambda: min(_offsets(kafka.bootstrap, p.topics.state_log, 2)[0]) > 0, first, p)
+    p.kill(first)
+    second = p.start_worker()
+    _wait(lambda: "recovered 2 partitions" in p.worker_log(1), second, p, timeout_s=60)
+    time.sleep(1.0)
+    p.kill(second)
+    p.start_worker()
+    _report_equals_reference(p, lines, until)
+
+
 async def _append_torn_commit(bootstrap: str, topic: str, partition: int, position: int) -> None:
     prod = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await prod.start()
