@@ -38,6 +38,7 @@ class Workers:
         self.procs = []
         self.ports = []
         self.logs = []
+        self.state_dirs: list[str] = []  # each worker's worker.state_dir (its dedup stores)
         for i in range(n):
             cfg = json.loads(json.dumps(data))
             port = free_port()
@@ -48,6 +49,7 @@ class Workers:
             d = os.path.join(workdir, f"w{i}")
             os.makedirs(d, exist_ok=True)
             cfg["worker"]["state_dir"] = os.path.join(d, "state")  # each worker its own dedup stores
+            self.state_dirs.append(cfg["worker"]["state_dir"])
             path = bf.write_config(cfg, d)
             log = os.path.join(d, "worker.log")
             self.procs.append(bf.spawn_worker(path, log))

@@ -344,7 +344,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         bootstrap = broker.bootstrap
         # agents.backfill.worker_settings: the demo config with this broker, prefix and port, live clock,
         # session timeout 3s (and whatever else it adapts, e.g. the KPI spec's path made absolute).
-        state_dir = os.path.join(tmp, "state")
+        state_dir = os.path.join(tmp, "state")  # replaced by each worker's own (benchmarks/_live.py Workers)
         if args.config == "default":
             # The packaged defaults (7d dedup_horizon, 5m lateness, dedup store on disk), event time compressed.
             data = bf.worker_settings(from_mapping({}, "<defaults>", env={}), broker=f"kafka://{bootstrap}",
@@ -365,7 +365,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             print(f"worker pid {workers.procs[0].pid} ready; {args.rate:,.0f} events/s target, source "
                   f"{args.source}, sampling VmRSS every {args.interval:g}s for {args.minutes:g} min", flush=True)
             load_info = asyncio.run(_soak_load(args, bootstrap, topics.events, args.partitions, workers, url,
-                                               samples, state_dir))
+                                               samples, workers.state_dirs[0]))
         finally:
             workers.stop()
             _live.write_json(_live.RESULTS / "memory-soak-samples.json", {"samples": samples})
