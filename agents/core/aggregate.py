@@ -59,11 +59,10 @@ class Aggregator:
         return got if got is not None else self.legacy_progress.get(key)
 
     def partition_count(self) -> int:
-        """The partition count the partitions report (0 before any progress)."""
-        counts = [int(v.get("partitions", 0)) for k, v in self.state.items() if k.startswith("progress/")
-                  and k[9:].isdigit()]
-        counts += [int(v.get("partitions", 0)) for k, v in self.legacy_progress.items() if k.isdigit()]
-        return max(counts, default=0)
+        """The partition count the partitions report (0 before partition 0 has reported: no global watermark
+        exists before every partition has)."""
+        first = self.progress_of("0")
+        return int(first.get("partitions", 0)) if first is not None else 0
 
     def on_partial(self, msg: Partial) -> None:
         key = f"{msg.grain}/{msg.period}"

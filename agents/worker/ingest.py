@@ -233,8 +233,8 @@ class IngestService:
         counts: dict[int, int] = {}
         for p, _ in results:
             counts[p] = counts.get(p, 0) + 1
-        snaps = {p: (checkpoint.take(self.engines[p], p, offsets.get(p)), self.engines[p].max_ts, self.engines[p].wm)
-                 for p, n in counts.items() if self.checkpointer.due(p, n)}
+        snaps = {p: (checkpoint.take(e, p, offsets.get(p)), e.max_ts, e.wm)
+                 for p, n in counts.items() if self.checkpointer.due(p, n) for e in (self.engines[p],)}
         commit = await self.settle()
         self._inflight = asyncio.ensure_future(self._write(results, derived, serving, seals, snaps))
         return commit
