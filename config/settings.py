@@ -83,6 +83,7 @@ FutureDuration = Annotated[Duration, _bounded("zero", "30d")]
 ThresholdDuration = Annotated[Duration, _bounded(None, "3660d")]  # > 0 and ordered: Lifecycle._ordered
 PollDuration = Annotated[Duration, _bounded("positive", "1m")]
 TickDuration = Annotated[Duration, _bounded("positive", "1h")]
+LingerDuration = Annotated[Duration, _bounded("zero", "5s")]
 SessionDuration = Annotated[Duration, _bounded("positive", "30m")]  # Kafka's group.max.session.timeout.ms
 CheckpointDuration = Annotated[Duration, _bounded("positive", "1d")]
 
@@ -181,6 +182,9 @@ class Worker(_Model):
     web_port: int = Field(default=6066, ge=1, le=65535)
     batch_max_records: int = Field(default=20000, ge=1, le=100_000)
     poll_timeout: PollDuration = parse_duration("200ms")
+    # After a poll that was not full, let records gather this long (from that poll's start) before the next one:
+    # fewer, larger batches when the worker keeps up (Flink's buffer timeout plays the same part).
+    poll_linger: LingerDuration = parse_duration("100ms")
     tick_interval: TickDuration = parse_duration("1s")
     session_timeout: SessionDuration = parse_duration("10s")
     # Local state of the worker: the dedup stores (<state_dir>/<topic_prefix><app_id>/dedup-<partition>).

@@ -242,6 +242,7 @@ def engine_state(engine: PartitionEngine) -> dict[str, Any]:
         "lifetime": dict(sorted(engine.lifetime.items())),
         "pending": engine.pending_state(),
         "pending_signups": sorted(engine.pending_signups.items()),
+        "ahead": {start: m.to_wire() for start, m in sorted(engine.ahead.items())},
         "dedup": dict(sorted(engine.dedup.items())),
         "open": [(p.grain, p.label, m.to_wire()) for p, m in engine.open_metrics()],
     }

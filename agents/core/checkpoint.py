@@ -13,7 +13,8 @@ changelog-plus-local-store and Flink's checkpoints are the models).  It holds:
   (``EngineConfig.fingerprint``); a checkpoint under other settings is refused;
 * the engine state: watermark, cursor, open periods and their numbers, every
   user's packed state in zone order, lifetime revenue per paying user, the
-  events waiting for the watermark (per user), the totals.
+  instants waiting for the watermark (per user), the flows that arrived for
+  days not open yet, the totals.
 
 The dedup store is not in it: it lives on local disk and records its own
 position (agents/core/dedup.py, agents/worker/dedup_store.py).
@@ -26,6 +27,7 @@ whose hash, format version or structure do not check out
 from __future__ import annotations
 
 import hashlib
+from array import array
 
 import msgspec
 
@@ -33,12 +35,14 @@ from kpimon.agents.core.dedup import DedupStore
 from kpimon.agents.core.engine import PURCHASE_SHIFT, TS_SHIFT, Closed, EngineConfig, PartitionEngine, Totals
 from kpimon.agents.core.grains import GRAINS
 from kpimon.agents.core.metrics import PeriodMetrics
+from kpimon.streams.events import SIGNUP
 from kpimon.errors import KpimonError
 
-FORMAT = 1
+FORMAT = 2
+READS = (1, 2)  # format 1: pending events with their amounts (their flows not applied yet), no ``ahead``
 _DIGEST = 32  # SHA-256
 _LOW = (1 << PURCHASE_SHIFT) - 1
-_REST = (1 << TS_SHIFT) - 1
+_V1_CODE_SHIFT = 50  # format 1 pending: ts, and (code << 50) | amount
 
 
 class CheckpointError(KpimonError):
@@ -55,12 +59,14 @@ class EngineState(msgspec.Struct, array_like=True, gc=False):
     # can exceed 64 bits, msgpack's limit): the low bits (last activity, signed up) and the purchase minute.
     zones: list[tuple[list[str], list[int], list[int]]]
     lifetime: tuple[list[str], list[int]]  # lifetime net revenue of every user who ever paid or was refunded
-    # Accepted, not applied yet, per user: the pending ints split in two (msgpack ints are 64-bit):
-    # their ts, and (code << CODE_SHIFT) | amount.  And the pending signups' details.
+    # Format 1 only: accepted, not applied yet, per user, as two lists: ts, and (code << 50) | amount.
     pending: list[tuple[str, list[int], list[int]]]
     pending_signups: list[tuple[str, list[tuple[int, str, str | None, str | None]]]]
     totals: tuple[int, int, int, dict[str, int]]  # accepted, duplicates, late, rejected by reason
     outbox: list[tuple[int, int, dict]]  # closed and not taken yet: (grain index, period start, numbers)
+    # Format 2: each user's pending ints, (ts << TS_SHIFT) | code, as little-endian int64 bytes.
+    pending_packed: list[tuple[str, bytes]] = []
+    ahead: list[tuple[int, dict]] = []  # flows of days not open yet: (day start, numbers)
 
 
 class Checkpoint(msgspec.Struct, array_like=True, gc=False):
@@ -87,12 +93,32 @@ def capture(engine: PartitionEngine) -> EngineState:
         zones=[(list(z), [v & _LOW for v in z.values()], [v >> PURCHASE_SHIFT for v in z.values()])
                for z in engine.zones],
         lifetime=(list(engine.lifetime), list(engine.lifetime.values())),
-        pending=[(uid, [i >> TS_SHIFT for i in items], [i & _REST for i in items])
-                 for uid, items in engine.pending_items()],
+        pending=[],
         pending_signups=[(uid, list(sig)) for uid, sig in engine.pending_signups.items()],
         totals=(t.accepted, t.duplicates, t.late, dict(t.rejected)),
         outbox=[(GRAINS.index(c.period.grain), c.period.start_ms, c.metrics.to_wire()) for c in engine.outbox],
+        pending_packed=[(uid, _packed(cur)) for uid, cur in engine.pending.items()],
+        ahead=[(start, m.to_wire()) for start, m in sorted(engine.ahead.items())],
     )
+
+
+def _packed(cur: int | array) -> bytes:
+    arr = array("q", (cur,)) if isinstance(cur, int) else cur
+    if _SWAP:
+        arr = array("q", arr)
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def _unpacked(data: bytes) -> int | array:
+    arr = array("q")
+    arr.frombytes(data)
+    if _SWAP:
+        arr.byteswap()
+    return arr[0] if len(arr) == 1 else arr
+
+
+_SWAP = array("q", (1,)).tobytes()[0] != 1  # a big-endian machine: the bytes are little-endian everywhere
 
 
 def restore(cfg: EngineConfig, state: EngineState, dedup: DedupStore | None = None) -> PartitionEngine:
@@ -108,9 +134,22 @@ def restore(cfg: EngineConfig, state: EngineState, dedup: DedupStore | None = No
     engine.zones = [dict(zip(uids, [lo | (hi << PURCHASE_SHIFT) for lo, hi in zip(low, high, strict=True)],
                              strict=True)) for uids, low, high in state.zones]
     engine.lifetime = dict(zip(*state.lifetime, strict=True))
-    for uid, ts, rest in state.pending:
-        items = [(t << TS_SHIFT) | r for t, r in zip(ts, rest, strict=True)]
-        engine.pending[uid] = items[0] if len(items) == 1 else items
+    engine.ahead = {start: PeriodMetrics.from_wire(m) for start, m in state.ahead}
+    for uid, data in state.pending_packed:
+        cur = _unpacked(data)
+        if not isinstance(cur, int) and not cur:
+            raise CheckpointError(f"checkpoint has no pending instants for user {uid!r}")
+        engine.pending[uid] = cur
+        engine._mark_due(uid, (cur if isinstance(cur, int) else cur[0]) >> TS_SHIFT)
+    for uid, ts, rest in state.pending:  # format 1: the flows of these events are applied now, as on arrival
+        items = []
+        for t, r in zip(ts, rest, strict=True):
+            code, amount = r >> _V1_CODE_SHIFT, r & ((1 << _V1_CODE_SHIFT) - 1)
+            engine._add_flows(uid, t, code, amount)
+            item = (t << TS_SHIFT) | code
+            if not items or item != items[-1] or code == SIGNUP:  # an instant kept once, as _hold does
+                items.append(item)
+        engine.pending[uid] = items[0] if len(items) == 1 else array("q", items)
         engine._mark_due(uid, ts[0])
     engine.pending_signups = {uid: list(sig) for uid, sig in state.pending_signups}
     accepted, duplicates, late, rejected = state.totals
@@ -142,8 +181,8 @@ def decode(data: bytes) -> Checkpoint:
         cp = _decoder.decode(body)
     except msgspec.DecodeError as err:
         raise CheckpointError(f"checkpoint does not decode: {err}") from None
-    if cp.format != FORMAT:
-        raise CheckpointError(f"checkpoint format {cp.format}, this version reads {FORMAT}")
+    if cp.format not in READS:
+        raise CheckpointError(f"checkpoint format {cp.format}, this version reads {', '.join(map(str, READS))}")
     return cp
 
 

@@ -21,6 +21,7 @@ replaying those records rebuilds the same state after a crash.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from bisect import bisect_left, insort
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,13 +49,12 @@ LAST = (1 << 42) - 1
 SIGNED = 1 << 42
 PURCHASE_SHIFT = 43
 MINUTE = 60_000
-# A pending event is one int: (ts << TS_SHIFT) | (code << CODE_SHIFT) | amount (amounts stay
-# below 2**50: MAX_AMOUNT_MINOR has 15 digits; codes below 8), so ints sort as (ts, code, amount).
-TS_SHIFT = 53
-CODE_SHIFT = 50
+# A pending event is one int, (ts << TS_SHIFT) | code (codes below 8), so ints sort as (ts, code), and a
+# user's several pending events fit an array of 64-bit ints.  Its flows (amounts) are applied on arrival.
+TS_SHIFT = 3
 CODE_MASK = 7
-AMOUNT_MASK = (1 << CODE_SHIFT) - 1
-assert MAX_AMOUNT_MINOR <= AMOUNT_MASK
+assert (LAST << TS_SHIFT) | CODE_MASK < 2**63
+assert MAX_AMOUNT_MINOR < 2**53
 
 
 @dataclass(frozen=True)
@@ -109,13 +109,14 @@ class PartitionEngine:
         self.max_ts = NEVER
         self.wm = NEVER
         self.cursor: int | None = None  # everything before it has been applied
-        # Accepted events the watermark has not passed yet, per user, not as events: one int per
-        # event, (ts << TS_SHIFT) | (code << CODE_SHIFT) | amount -- the int alone for a user's only
-        # pending event, else an ascending list (~50 bytes per event instead of ~300 for an event in
-        # a global buffer).  Signups keep what the first signup needs apart.  Users are indexed by
-        # the second of their earliest pending instant (``_due``, and a heap of those seconds), so
-        # the users a watermark reaches are found without a scan.
-        self.pending: dict[str, int | list[int]] = {}
+        # Accepted events the watermark has not passed yet, per user, as what their order decides: one
+        # int per event, (ts << TS_SHIFT) | code -- the int alone for a user's only pending event, else
+        # an ascending array of 64-bit ints (8 bytes per event; ~300 for an event in a global buffer).
+        # What commutes was applied on arrival: flows go to the day of their ts (``_add_flows``), and
+        # identical non-signup instants of a user are kept once.  Signups keep what the first signup
+        # needs apart.  Users are indexed by the second of their earliest pending instant (``_due``,
+        # and a heap of those seconds), so the users a watermark reaches are found without a scan.
+        self.pending: dict[str, int | array] = {}
         self.pending_signups: dict[str, list[tuple[int, str, str | None, str | None]]] = {}
         self._due: dict[int, list[str]] = {}
         self._due_keys: list[int] = []
@@ -141,6 +142,9 @@ class PartitionEngine:
         # live on the day accumulator only and roll up when the day closes.
         self._periods: list[Period] = []
         self._accs: list[PeriodMetrics] = []
+        # Flows of accepted events dated in days after the open one, by day start: that day's accumulator
+        # starts from them when it opens.
+        self.ahead: dict[int, PeriodMetrics] = {}
 
     # ------------------------------------------------------------------ input
     def offer(self, ev: Event) -> int:
@@ -233,30 +237,51 @@ class PartitionEngine:
         else:
             lst.append(uid)
 
+    def _add_flows(self, uid: str, t: int, code: int, amount: int) -> None:
+        """Apply the flows of an accepted event at ``t`` (they commute): to its day, and to the user's lifetime."""
+        if t < self._periods[0].end_ms:
+            acc = self._accs[0]
+        else:
+            start = self.cal.day_start(t)
+            acc = self.ahead.get(start)  # type: ignore[assignment]
+            if acc is None:
+                acc = self.ahead[start] = PeriodMetrics()
+        add_flows(acc, code, amount)
+        revenue = EFFECTS[code].revenue
+        if revenue:
+            self.lifetime[uid] = self.lifetime.get(uid, 0) + revenue * amount
+
     def _hold(self, events: list[Event]) -> None:
-        """Keep accepted events as per-user pending instants until the watermark passes them."""
+        """Apply what commutes now; keep the rest as per-user pending instants until the watermark passes them."""
         pending, signups = self.pending, self.pending_signups
         for ev in events:
             uid = ev.user_id
             t = ev.ts
-            item = (t << TS_SHIFT) | (ev.code << CODE_SHIFT) | ev.amount
+            code = ev.code
+            if EFFECTS[code].flows:
+                self._add_flows(uid, t, code, ev.amount)
+            item = (t << TS_SHIFT) | code
             cur = pending.get(uid)
             if cur is None:
                 pending[uid] = item
                 self._mark_due(uid, t)
             elif isinstance(cur, int):
-                if item >= cur:
-                    pending[uid] = [cur, item]
+                if item == cur and code != SIGNUP:
+                    pass  # the same instant again: applying it twice changes nothing
+                elif item >= cur:
+                    pending[uid] = array("q", (cur, item))
                 else:
-                    pending[uid] = [item, cur]
+                    pending[uid] = array("q", (item, cur))
                     self._mark_due(uid, t)
-            elif item >= cur[-1]:
+            elif item > cur[-1]:
                 cur.append(item)  # the common case: a user's events come in order
+            elif item == cur[-1] and code != SIGNUP:
+                pass
             else:
                 insort(cur, item)
                 if cur[0] == item:
                     self._mark_due(uid, t)
-            if ev.code == SIGNUP:
+            if code == SIGNUP:
                 insort(signups.setdefault(uid, []), (t, ev.event_id, ev.channel, ev.referrer_id))
 
     def _process_until(self, target: int) -> None:
@@ -327,11 +352,11 @@ class PartitionEngine:
             key = (s - 1, s)
             transitions[key] = transitions.get(key, 0) + n
 
-    def _apply_user(self, uid: str, items: list[int]) -> None:
+    def _apply_user(self, uid: str, items: list[int] | array) -> None:
         """Apply ``uid``'s pending events ``items`` (ascending), as the watermark passed them."""
         signups = None
         for item in items:
-            code = (item >> CODE_SHIFT) & CODE_MASK
+            code = item & CODE_MASK
             signup = None
             if code == SIGNUP:
                 if signups is None:
@@ -339,10 +364,9 @@ class PartitionEngine:
                 signup = signups.pop(0)  # in (ts, event_id) order: the first one applied counts
                 if not signups:
                     del self.pending_signups[uid]
-            self._instant(uid, item >> TS_SHIFT, code, item & AMOUNT_MASK, signup)
+            self._instant(uid, item >> TS_SHIFT, code, signup)
 
-    def _instant(self, uid: str, t: int, code: int, amount: int,
-                 signup: tuple[int, str, str | None, str | None] | None) -> None:
+    def _instant(self, uid: str, t: int, code: int, signup: tuple[int, str, str | None, str | None] | None) -> None:
         """Apply one event of ``uid`` at ``t`` (``signup``: its details, for a signup)."""
         accs = self._accs
         periods = self._periods
@@ -371,12 +395,9 @@ class PartitionEngine:
                     for g, acc in enumerate(accs):
                         if a < periods[g].start_ms:
                             acc.active_users += 1
-        # The user is in zone 0 now, with state v.  What the event does: agents/core/effects.py.
+        # The user is in zone 0 now, with state v.  What the event does (agents/core/effects.py), but for
+        # its flows, applied on arrival.
         eff = EFFECTS[code]
-        if eff.flows:
-            add_flows(day, code, amount)
-            if eff.revenue:
-                self.lifetime[uid] = self.lifetime.get(uid, 0) + eff.revenue * amount
         first_signup = False
         if eff.purchase:
             lpm = v >> PURCHASE_SHIFT
@@ -488,6 +509,8 @@ class PartitionEngine:
                 self.outbox.append(Closed(period, acc))
                 periods[g] = self.cal.period_at(boundary, GRAINS[g])
                 accs[g] = PeriodMetrics()
+        # The new day starts with the flows that arrived for it before it opened.
+        accs[0] = self.ahead.pop(periods[0].start_ms, None) or accs[0]
 
     # ---------------------------------------------------------------- queries
     def open_metrics(self) -> list[tuple[Period, PeriodMetrics]]:
@@ -508,13 +531,12 @@ class PartitionEngine:
         return [(uid, [cur] if isinstance(cur, int) else list(cur)) for uid, cur in sorted(self.pending.items())]
 
     def pending_count(self) -> int:
-        """How many accepted events wait for the watermark."""
+        """How many pending instants wait for the watermark (identical ones of a user count once)."""
         return sum(1 if isinstance(cur, int) else len(cur) for cur in self.pending.values())
 
-    def pending_state(self) -> list[tuple[str, list[tuple[int, int, int]]]]:
-        """Every user's pending events as (ts, code, amount), by user (tests, tools)."""
-        return [(uid, [(i >> TS_SHIFT, (i >> CODE_SHIFT) & CODE_MASK, i & AMOUNT_MASK) for i in items])
-                for uid, items in self.pending_items()]
+    def pending_state(self) -> list[tuple[str, list[tuple[int, int]]]]:
+        """Every user's pending instants as (ts, code), by user (tests, tools)."""
+        return [(uid, [(i >> TS_SHIFT, i & CODE_MASK) for i in items]) for uid, items in self.pending_items()]
 
     def user_count(self) -> int:
         return sum(len(z) for z in self.zones)

@@ -147,15 +147,30 @@ class IngestService:
         """Poll-process loop; returns when :meth:`stop` is called."""
         assert self.consumer is not None
         w = self.settings.worker
+        loop = asyncio.get_running_loop()
+        linger = w.poll_linger / 1000
+        polled = 0.0
+        full = True
         while not self._stopping.is_set():
             if self.fatal is not None:
                 raise self.fatal
+            if not full and linger:
+                # The last poll was not full: let records gather (fewer, larger batches while the worker keeps up).
+                wait = polled + linger - loop.time()
+                if wait > 0:
+                    try:
+                        await asyncio.wait_for(self._stopping.wait(), wait)
+                    except TimeoutError:
+                        pass
+                    continue
+            polled = loop.time()
             try:
                 batch = await self.consumer.getmany(timeout_ms=w.poll_timeout, max_records=w.batch_max_records)
             except Exception:  # consumer stopped under us
                 if self._stopping.is_set():
                     return
                 raise
+            full = sum(len(msgs) for msgs in batch.values()) >= w.batch_max_records
             async with self._lock:
                 if self._stopping.is_set():
                     return

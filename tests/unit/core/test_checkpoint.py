@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -13,6 +15,7 @@ from kpimon.agents.worker.recovery import Replayer
 from kpimon.streams.events import Decoder
 from tests.factories import DAY, settings_factory, streams_of_events, to_lines, ts_ms_of
 from tests.pure_pipeline import closed_state, engine_state, replay_records, run_pipeline
+from tests.unit.core.v1_scenario import T0, scenario_events
 
 PROPS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                        HealthCheck.data_too_large])
@@ -111,7 +114,30 @@ def test_buffered_events_users_and_open_periods_survive() -> None:
     assert engine.pending_count() == 1 and len({z for z, *_ in engine.users_state().values()}) > 2
     _, restored = checkpoint.load(engine.cfg, checkpoint.take(engine, 0, 41), 0, dedup=engine.dedup_store)
     assert engine_state(restored) == engine_state(engine)
-    assert restored.pending_state() == [("u0", [(late_ts, 0, 0)])]
+    assert restored.pending_state() == [("u0", [(late_ts, 0)])]
     for eng in (engine, restored):
         eng.advance(marker=late_ts + 2 * DAY)
     assert closed_state(restored.take_outbox()) == closed_state(engine.take_outbox())
+
+
+def test_a_format_1_checkpoint_from_the_previous_release_still_loads() -> None:
+    """data/checkpoint-v1.bin was written by the release before flows were applied on arrival (format 1: the
+    pending events carried their amounts).  Loaded now, it is the state of today's engine after the same events,
+    and it closes the same periods."""
+    s = settings_factory(lateness="2d")
+    dec = Decoder(s.money.decimals)
+    engine = PartitionEngine(EngineConfig.from_settings(s))
+    engine.offer_batch([dec.decode(raw) for raw in scenario_events()])
+    data = (Path(__file__).parent / "data" / "checkpoint-v1.bin").read_bytes()
+    cp, restored = checkpoint.load(engine.cfg, data, 0, dedup=engine.dedup_store)
+    assert cp.format == 1 and cp.source_offset == 99 and cp.engine.pending and not cp.engine.pending_packed
+    assert engine.pending_count() > 20 and engine.ahead  # purchases wait, and flows arrived for days not open yet
+    assert engine_state(restored) == engine_state(engine)
+    for eng in (engine, restored):
+        eng.advance(marker=T0 + 12 * DAY)
+    closed = closed_state(engine.take_outbox())
+    assert len(closed) > 10 and closed_state(restored.take_outbox()) == closed
+    # Written again, it is format 2 and round-trips.
+    again = checkpoint.take(restored, 0, 99)
+    assert checkpoint.decode(again).format == checkpoint.FORMAT == 2
+    assert engine_state(checkpoint.load(engine.cfg, again, 0, dedup=engine.dedup_store)[1]) == engine_state(engine)
