@@ -35,8 +35,8 @@ from kpimon.agents.core.dedup import DedupStore
 from kpimon.agents.core.engine import PURCHASE_SHIFT, TS_SHIFT, Closed, EngineConfig, PartitionEngine, Totals
 from kpimon.agents.core.grains import GRAINS
 from kpimon.agents.core.metrics import PeriodMetrics
-from kpimon.streams.events import SIGNUP
 from kpimon.errors import KpimonError
+from kpimon.streams.events import SIGNUP
 
 FORMAT = 2
 READS = (1, 2)  # format 1: pending events with their amounts (their flows not applied yet), no ``ahead``
