@@ -142,7 +142,7 @@ def restore(cfg: EngineConfig, state: EngineState, dedup: DedupStore | None = No
         engine.pending[uid] = cur
         engine._mark_due(uid, (cur if isinstance(cur, int) else cur[0]) >> TS_SHIFT)
     for uid, ts, rest in state.pending:  # format 1: the flows of these events are applied now, as on arrival
-        items = []
+        items: list[int] = []
         for t, r in zip(ts, rest, strict=True):
             code, amount = r >> _V1_CODE_SHIFT, r & ((1 << _V1_CODE_SHIFT) - 1)
             engine._add_flows(uid, t, code, amount)

@@ -306,6 +306,7 @@ class PartitionEngine:
                     if first >= bound:
                         later[uid] = k
                         continue
+                    items: list[int] | array
                     if isinstance(cur, int):
                         del pending[uid]
                         items = [cur]
@@ -510,7 +511,9 @@ class PartitionEngine:
                 periods[g] = self.cal.period_at(boundary, GRAINS[g])
                 accs[g] = PeriodMetrics()
         # The new day starts with the flows that arrived for it before it opened.
-        accs[0] = self.ahead.pop(periods[0].start_ms, None) or accs[0]
+        early = self.ahead.pop(periods[0].start_ms, None)
+        if early is not None:
+            accs[0] = early
 
     # ---------------------------------------------------------------- queries
     def open_metrics(self) -> list[tuple[Period, PeriodMetrics]]:
