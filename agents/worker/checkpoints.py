@@ -16,6 +16,7 @@ intact checkpoint (:func:`deletable`), so there is always one to fall back to.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -208,6 +209,38 @@ class Checkpointer:
         self._since: dict[int, tuple[int, float]] = {}  # per partition: records since the last one, and when
         self._deleted: dict[tuple[str, int], int] = {}
         self._delete_failed = False
+        self._task: asyncio.Future | None = None  # the checkpoints being written, in the background
+
+    def submit(self, producer, snaps: dict[int, tuple[bytes, int, int, int]], owned: Callable[[int], bool]) -> None:
+        """Write checkpoints in the background, ``snaps[p] = (data, state-log position, max_ts, wm)``, so that
+        polls go on meanwhile.  While earlier ones are still being written these are dropped, and their
+        partitions are due again at their next record.  A failed write is raised by :meth:`check`."""
+        self.check()
+        if self._task is not None:
+            for p in snaps:
+                if p in self._since:
+                    self._since[p] = (self.every_records, self._since[p][1])
+            return
+        self._task = asyncio.ensure_future(self._write_all(producer, snaps, owned))
+
+    async def _write_all(self, producer, snaps: dict[int, tuple[bytes, int, int, int]],
+                         owned: Callable[[int], bool]) -> None:
+        for p, (data, position, max_ts, wm) in snaps.items():
+            if owned(p):
+                await self.write(producer, p, data, position, max_ts, wm)
+
+    def check(self) -> None:
+        """Re-raise the failure of the last background write, once it is done (then forget it)."""
+        task = self._task
+        if task is not None and task.done():
+            self._task = None
+            task.result()
+
+    async def drain(self) -> None:
+        """Wait for the checkpoints being written (before partitions are given up or the worker stops)."""
+        task, self._task = self._task, None
+        if task is not None:
+            await task
 
     async def load(self, partitions: list[int]) -> tuple[dict[int, Found], dict[int, int]]:
         """Every checkpoint of ``partitions``, and where their state logs start now."""

@@ -133,6 +133,7 @@ class IngestService:
         async with self._lock:
             try:
                 await self.settle()
+                await self.checkpointer.drain()
             except Exception:
                 log.exception("writes in flight failed while stopping")
             if self.serving is not None:
@@ -280,7 +281,9 @@ class IngestService:
                 close_store(engine.dedup_store)
 
     async def settle(self) -> dict[TopicPartition, int]:
-        """Wait for the writes in flight (re-raising their failure); their offsets to commit."""
+        """Wait for the writes in flight (re-raising their failure, and a failed checkpoint's); their offsets
+        to commit.  Checkpoints still being written are not waited for."""
+        self.checkpointer.check()
         task, self._inflight = self._inflight, None
         if task is None:
             return {}
@@ -356,14 +359,15 @@ class IngestService:
         if self.metrics is not None:
             for _, transitions in derived.values():
                 self.metrics.observe_transitions(transitions)
-        if snaps:
-            # Everything the checkpointed state produced is out: the checkpoints may now count.
+        if snaps and self.producer is not None:
+            # Everything the checkpointed state produced is out: the checkpoints may now count.  They are written
+            # in the background (a checkpoint can be tens of MB: the next polls do not wait for it), each with
+            # the watermark it was captured at (the engines have moved on with the next poll): what the
+            # checkpoint lets go of in the state log is decided by its own state.
             positions = {p: ack.offset + 1 for (p, _), ack in zip(results, acks)}
-            # Each with the watermark it was captured at (the engines have moved on with the next poll): what
-            # the checkpoint lets go of in the state log is decided by its own state.
-            for p, (data, max_ts, cp_wm) in snaps.items():
-                if p in self.engines and self.producer is not None:
-                    await self.checkpointer.write(self.producer, p, data, positions[p], max_ts, cp_wm)
+            self.checkpointer.submit(self.producer, {p: (data, positions[p], max_ts, cp_wm)
+                                                     for p, (data, max_ts, cp_wm) in snaps.items()},
+                                     self.engines.__contains__)
         self.batches += 1
         ends: dict[int, int] = {}
         for p, out in results:
@@ -374,6 +378,7 @@ class IngestService:
     async def release(self, partitions: list[int]) -> None:
         async with self._lock:
             await self.settle()  # the next owner must find our last records in the log
+            await self.checkpointer.drain()  # and not see our checkpoint chunks interleaved with its own
             self._close_stores(partitions)
             for p in partitions:
                 self.checkpointer.forget(p)

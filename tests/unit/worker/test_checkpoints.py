@@ -100,3 +100,45 @@ def test_resume_keeps_the_loaded_checkpoint_and_older_ones_not_refused_newer_one
     assert [c.position for c in ck.commits[0]] == [200, 300]
     ck.resume(1, None, found)  # recovered from the log's beginning: nothing to fall back to yet
     assert ck.commits[1] == []
+
+
+def test_checkpoints_are_written_in_the_background_one_round_at_a_time(monkeypatch) -> None:
+    """Polls do not wait for a checkpoint write; one submitted while another is written is dropped (its partition
+    is due again at its next record); a failed write is raised by check(), not lost."""
+    import asyncio
+
+    from kpimon.agents.worker import checkpoints as mod
+    from kpimon.streams.topics import Topics
+
+    gate = asyncio.Event()
+    written: list[tuple[int, int]] = []
+
+    async def fake_write(producer, topic, p, data, position, max_ts, history):
+        await gate.wait()
+        if data == b"boom":
+            raise OSError("broker refused the chunk")
+        written.append((p, position))
+        return commit(position, max_ts)
+
+    monkeypatch.setattr(mod, "write", fake_write)
+
+    async def scenario() -> None:
+        ck = mod.Checkpointer(_Settings(checkpoints=True), Topics("t.", "app"), DedupRule(DAY))
+        for p in (0, 1, 2):
+            ck.resume(p, None, None)
+        ck.submit(None, {0: (b"a", 10, 0, 0), 1: (b"b", 20, 0, 0)}, lambda p: p != 1)
+        ck.submit(None, {2: (b"c", 30, 0, 0)}, lambda p: True)  # busy: dropped, partition 2 due at once
+        assert ck.due(2, 1) and not ck.due(0, 1)
+        await asyncio.sleep(0)
+        assert written == []  # still writing: nothing waited for it
+        ck.check()
+        gate.set()
+        await ck.drain()
+        assert written == [(0, 10)]  # partition 1 was given up meanwhile
+        ck.submit(None, {0: (b"boom", 40, 0, 0)}, lambda p: True)
+        await asyncio.sleep(0.01)
+        with pytest.raises(OSError, match="refused"):
+            ck.check()
+        ck.check()  # raised once
+
+    asyncio.run(scenario())
