@@ -42,6 +42,10 @@ WINDOW_NAMES = ("1d", "7d", "30d")
 
 ACCEPTED, DUPLICATE, LATE = 0, 1, 2
 
+# Event codes whose only effect once the watermark passes them is the activity itself (their flows were applied
+# on arrival): the fast path of _process_until.
+PLAIN = frozenset(code for code, eff in enumerate(EFFECTS) if not eff.signup and not eff.purchase)
+
 # A user's state is one int: bits 0-41 the last activity (epoch ms, until 2109), bit 42
 # "first signup applied", bits 43+ the minute of the last purchase + 1 (0: never).
 # Period starts are whole minutes, so a purchase minute compares exactly with them.
@@ -288,9 +292,15 @@ class PartitionEngine:
         due, keys, pending = self._due, self._due_keys, self.pending
         cursor = self.cursor
         assert cursor is not None
+        z0 = self.zones[0]
+        bounds = self.ladder.bounds
+        gap = bounds[1] if len(bounds) > 1 else LAST  # a longer gap between two activities enters a state
+        track = self.track_users
         while cursor < target:
             boundary = self._periods[0].end_ms
+            day_start = self._periods[0].start_ms
             step_end = boundary if boundary < target else target
+            short = step_end - cursor <= gap  # no gap between two instants of the step enters a state
             bound = step_end << TS_SHIFT
             movers: list[str] = []
             later: dict[str, int] = {}  # indexed users whose earliest instant is not below step_end
@@ -313,24 +323,45 @@ class PartitionEngine:
                     else:
                         cut = bisect_left(cur, bound)
                         items = cur[:cut]
-                        rest = cur[cut:]
-                        if not rest:
+                        if cut == len(cur):
                             del pending[uid]
                         else:
-                            pending[uid] = rest[0] if len(rest) == 1 else rest
-                            self._mark_due(uid, rest[0] >> TS_SHIFT)
-                    self._apply_user(uid, items)
+                            del cur[:cut]  # in place
+                            if len(cur) == 1:
+                                pending[uid] = cur[0]
+                            self._mark_due(uid, cur[0] >> TS_SHIFT)
                     movers.append(uid)
+                    # The common case in live mode: plain activities of a user of zone 0 who was already active
+                    # today, soon after the last one (and after one another: the step is short): they only move
+                    # the last activity.  What _instant would do, without its lookups.
+                    v = z0.get(uid)
+                    if v is not None:
+                        a = v & LAST
+                        if a >= day_start and (items[0] >> TS_SHIFT) - a <= gap and (short or len(items) == 1):
+                            for item in items:
+                                if item & CODE_MASK not in PLAIN:
+                                    break
+                            else:
+                                t = items[-1] >> TS_SHIFT
+                                if t > a:
+                                    z0[uid] = v - a + t
+                                if track:
+                                    self._touch(uid, t, None, False)
+                                continue
+                    self._apply_user(uid, items)
             for uid, k in later.items():
                 self._mark_due(uid, k * 1000)  # due in that second, after step_end: put back after the scan
-            if len(movers) > 1:
-                # Each user was re-inserted at the end of zone 0 at its own last instant, user by user:
-                # put them in order of last activity (zones stay ordered by it; ties by user id).
-                z0 = self.zones[0]
-                for uid in sorted(movers, key=lambda u: (z0[u] & LAST, u)):
+            if movers:
+                # The users just applied go to the end of zone 0 in order of last activity (zones stay ordered
+                # by it; ties by user id), as one sorted run.
+                z0 = self.zones[0]  # _age may have compacted it
+                if len(movers) > 1:
+                    movers = [uid for _, uid in sorted([(z0[uid] & LAST, uid) for uid in movers])]
+                for uid in movers:
                     z0[uid] = z0.pop(uid)
                 self._holes[0] += len(movers)
             self._age(step_end)
+            z0 = self.zones[0]
             cursor = self.cursor = step_end
             if step_end == boundary:
                 self._close(boundary)
@@ -389,8 +420,9 @@ class PartitionEngine:
                 # Entries due after the last scan but before this activity (zone 0 users too).
                 if zone or (len(bounds) > 1 and a + bounds[1] < t):
                     self._comeback(zone, a, t, day)
-                del zones[zone][uid]  # re-inserted at the end: zones stay ordered by last activity
-                self._holes[zone] += 1
+                if zone:
+                    del zones[zone][uid]  # into zone 0 (moved to its end in order of activity by _process_until)
+                    self._holes[zone] += 1
                 v = z0[uid] = v - a + t
                 if a < periods[0].start_ms:  # first activity today; ISO weeks straddle months
                     for g, acc in enumerate(accs):
