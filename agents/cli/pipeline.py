@@ -21,6 +21,9 @@ def worker(config: Path | None = ConfigOpt,
     start-up (a restart may help); 2 a configuration error, or an existing topic with the wrong
     partition count (a restart does not help).
     """
+    from kpimon.agents.worker.arenas import limit_arenas
+
+    limit_arenas()  # before any thread starts (docs/performance.md, soak)
     import faust
 
     from kpimon.agents.worker.app import create_app, internal_topics
