@@ -27,6 +27,7 @@ whose hash, format version or structure do not check out
 from __future__ import annotations
 
 import hashlib
+import sys
 from array import array
 
 import msgspec
@@ -118,7 +119,7 @@ def _unpacked(data: bytes) -> int | array:
     return arr[0] if len(arr) == 1 else arr
 
 
-_SWAP = array("q", (1,)).tobytes()[0] != 1  # a big-endian machine: the bytes are little-endian everywhere
+_SWAP = sys.byteorder == "big"  # the bytes are little-endian on every machine
 
 
 def restore(cfg: EngineConfig, state: EngineState, dedup: DedupStore | None = None) -> PartitionEngine:

@@ -33,7 +33,7 @@ from kpimon.agents.core.grains import GRAINS, Period
 from kpimon.agents.core.lifecycle import ACTIVE, CHURNED, DEAD, STATES, Ladder, Thresholds
 from kpimon.agents.core.metrics import ENTERED, PeriodMetrics
 from kpimon.agents.core.periods import Calendar
-from kpimon.streams.events import MAX_AMOUNT_MINOR, SIGNUP, Event
+from kpimon.streams.events import SIGNUP, Event
 
 NEVER = -(2**62)  # "minus infinity" for timestamps; compares as an int
 DAY = 86_400_000
@@ -58,7 +58,6 @@ MINUTE = 60_000
 TS_SHIFT = 3
 CODE_MASK = 7
 assert (LAST << TS_SHIFT) | CODE_MASK < 2**63
-assert MAX_AMOUNT_MINOR < 2**53
 
 
 @dataclass(frozen=True)
