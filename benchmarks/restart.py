@@ -1,6 +1,6 @@
 """Restart time after a SIGKILL, for histories of different lengths over the same user base.
 
-    python3 -m benchmarks.restart [--events 1000000,20000000] [--users 100000] [--partitions 4]
+    python3 -m benchmarks.restart [--events 1000000,20000000] [--users 100000] [--fold-users N] [--partitions 4]
                                   [--checkpoint-interval 10s] [--no-checkpoints] [--reference-max 2000000]
 
 For each history size, on one Apache Kafka broker, with a fresh deployment (own topic prefix, own
@@ -8,7 +8,8 @@ For each history size, on one Apache Kafka broker, with a fresh deployment (own 
 
 1. generate the simulator's history (agents.tools.datasets.generate: the same ``--users`` for every
    size, event time spanning about six months, so checkpoints land and the state log is truncated)
-   and produce it, then a watermark marker W1 one day after its last event;
+   and produce it (with ``--fold-users N``, user ids taken modulo N: the simulator keeps signing
+   users up, so unfolded a longer history tracks more users), then a watermark marker W1 one day after its last event;
 2. run ONE ``kpimon worker`` (event clock) until ``kpimon.periods`` reaches W1.  Then a *settle*
    marker (W1 + 1 ms) one checkpoint interval later: its record makes a checkpoint due, as live
    traffic would, so the tail after the newest checkpoint is what a live deployment has, not the
@@ -38,6 +39,7 @@ import signal
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -178,13 +180,32 @@ def extra_events(n: int, users: int, after_ms: int) -> list[bytes]:
             for i in range(n)]
 
 
-def produce_history(dep: Deployment, n: int, users: int, keep: bool) -> tuple[int, int, list[bytes] | None, float]:
+def fold_users(lines: Iterable[bytes], users: int) -> Iterator[bytes]:
+    """The lines with every simulator id ``u%07d`` (``user_id``, ``referrer_id``) taken modulo ``users``.
+
+    The simulator keeps signing users up, so a longer history of the same ``--users`` tracks more of them;
+    folded onto fewer ids than the shortest history has, every history tracks the same ``users`` ids (a later
+    signup of a folded id is activity).
+    """
+    loads, dumps = orjson.loads, orjson.dumps
+    for line in lines:
+        ev = loads(line)
+        for key in ("user_id", "referrer_id"):
+            uid = ev.get(key)
+            if isinstance(uid, str) and uid[:1] == "u" and uid[1:].isdigit():
+                ev[key] = f"u{int(uid[1:]) % users:07d}"
+        yield dumps(ev)
+
+
+def produce_history(dep: Deployment, n: int, users: int, keep: bool,
+                    fold: int = 0) -> tuple[int, int, list[bytes] | None, float]:
     """Generate and produce the history; (lines, W1, the lines if ``keep``, seconds)."""
     tail: collections.deque[bytes] = collections.deque(maxlen=5000)
     kept: list[bytes] | None = [] if keep else None
 
     def lines():
-        for line in generate(n, start_ms=DEFAULT_START_MS, seed=1, users=users):
+        source = generate(n, start_ms=DEFAULT_START_MS, seed=1, users=users)
+        for line in fold_users(source, fold) if fold else source:
             tail.append(line)
             if kept is not None:
                 kept.append(line)
@@ -228,10 +249,10 @@ def run_size(bootstrap: str, tmp: str, n: int, args: argparse.Namespace) -> dict
     dep = Deployment(bootstrap, os.path.join(tmp, f"d{n}"), args.partitions, worker)
     interval_s = dep.settings.worker.checkpoint_interval / 1000
     use_reference = n <= args.reference_max
-    count, w1, lines, produce_s = produce_history(dep, n, args.users, keep=use_reference)
+    count, w1, lines, produce_s = produce_history(dep, n, args.users, keep=use_reference, fold=args.fold_users)
     print(f"[{n:,}] generated and produced {count:,} lines in {produce_s:.0f}s", flush=True)
     admin.send_watermark(bootstrap, dep.topics.events, dep.partitions, w1)
-    extra = extra_events(args.extra, args.users, w1 + 1)
+    extra = extra_events(args.extra, args.fold_users or args.users, w1 + 1)
     w2 = w1 + 2 * DAY_MS
 
     reader = bf.PeriodsReader(bootstrap, dep.topics.periods)
@@ -305,7 +326,7 @@ def run_size(bootstrap: str, tmp: str, n: int, args: argparse.Namespace) -> dict
         checks["reference_equal"] = reference_report(bootstrap, tmp, n, args, lines, w1, extra, w2) == final
         lines.clear()
     ok = (not changed and not differing and accepted_ok and checks.get("reference_equal", True))
-    row = {"events": count, "users": args.users, "partitions": args.partitions,
+    row = {"events": count, "users": args.users, "users_folded": args.fold_users, "partitions": args.partitions,
            "checkpoints": not args.no_checkpoints, "checkpoint_interval_s": interval_s,
            "produce_s": produce_s, "process_s": process_s, "settled": settled,
            "state_log_written": written, "state_log_kept": written - start,
@@ -352,6 +373,10 @@ def main() -> None:
     ap.add_argument("--session-timeout", default="10s",
                     help="worker.session_timeout (default 10s, the product default): the restarted worker's "
                          "group join waits for the killed member's session to expire")
+    ap.add_argument("--fold-users", type=int, default=0, metavar="N",
+                    help="take the simulator's user ids modulo N, so that every size tracks the same N users "
+                         "(unfolded, a longer history signs more users up: 1M events of --users 100000 have "
+                         "33,383 users); 0: off")
     ap.add_argument("--no-checkpoints", action="store_true", help="worker.checkpoints: false (full replay)")
     ap.add_argument("--extra", type=int, default=2000, help="events produced while the worker is down")
     ap.add_argument("--reference-max", type=int, default=2_000_000,
@@ -364,6 +389,7 @@ def main() -> None:
 
     info = _live.machine()
     print(f"restart benchmark: sizes {sizes}, {args.users:,} users, {args.partitions} partitions, "
+          f"users folded={args.fold_users}, "
           f"checkpoints={'off' if args.no_checkpoints else 'on'}, checkpoint_interval={args.checkpoint_interval}, "
           "checkpoint_records=5000 (default), dedup_horizon=7d, lateness=5m (defaults), "
           f"session_timeout={args.session_timeout}, clock=event, {os.cpu_count()} cores; {info}", flush=True)
