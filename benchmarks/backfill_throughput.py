@@ -4,7 +4,10 @@
 
 Steps, back to back on one broker:
 1. generate the simulator's realistic mix (agents.tools.datasets.generate) and produce it;
-2. raw ceiling: aiokafka ``getmany`` over the whole topic (bytes only, then with orjson);
+2. raw ceiling: aiokafka ``getmany`` over the whole topic (bytes only, then with orjson); then the floor
+   of any pure-Python pipeline on top of it: the same loop with kpimon's own decode (streams.events.Decoder:
+   msgspec, validation, the ``Event``), then also its 128-bit BLAKE2b digest checked against an in-memory
+   set (dedup at its cheapest: no disk, no horizon).  No engine, no writes: what a worker can never beat;
 3. the real pipeline: ``kpimon worker`` (child process, event clock) from offset 0 to the
    final aggregated watermark.  "steady" excludes worker start-up: it runs from the first
    progress message to the last.
@@ -22,6 +25,7 @@ import platform
 import tempfile
 import time
 from datetime import UTC, datetime
+from hashlib import blake2b
 from pathlib import Path
 
 import orjson
@@ -33,12 +37,16 @@ from kpimon.agents.tools.datasets import generate
 from kpimon.config.settings import from_mapping
 from kpimon.streams import admin
 from kpimon.streams import topics as wire
+from kpimon.streams.events import Decoder
 from kpimon.streams.topics import Topics
 
 START = 1_704_067_200_000
 
 
-async def raw_consume(bootstrap: str, topic: str, partitions: int, total: int, decode: bool) -> float:
+RAW, JSON, DECODE, DEDUP = "raw", "orjson", "decode", "decode+dedup"
+
+
+async def raw_consume(bootstrap: str, topic: str, partitions: int, total: int, mode: str = RAW) -> float:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
                                 max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
     await consumer.start()
@@ -49,14 +57,26 @@ async def raw_consume(bootstrap: str, topic: str, partitions: int, total: int, d
         seen = 0
         t0 = time.perf_counter()
         loads = orjson.loads
+        decode = Decoder().decode
+        ids: set[bytes] = set()
         while seen < total:
             got = await consumer.getmany(timeout_ms=1000, max_records=20000)
             for msgs in got.values():
-                if decode:
+                seen += len(msgs)
+                if mode == JSON:
                     for m in msgs:
                         if m.value:
                             loads(m.value)
-                seen += len(msgs)
+                elif mode != RAW:
+                    for m in msgs:
+                        try:
+                            ev = decode(m.value)
+                        except Exception:  # noqa: BLE001 - markers and bad lines: a worker refuses them too
+                            continue
+                        if mode == DEDUP:
+                            d = blake2b(ev.event_id.encode(), digest_size=16).digest()
+                            if d not in ids:
+                                ids.add(d)
         return time.perf_counter() - t0
     finally:
         await consumer.stop()
@@ -95,8 +115,10 @@ def main() -> None:
         admin.send_watermark(bootstrap, topics.events, args.partitions, until)
         total = n + args.partitions
 
-        raw_s = asyncio.run(raw_consume(bootstrap, topics.events, args.partitions, total, decode=False))
-        raw_json_s = asyncio.run(raw_consume(bootstrap, topics.events, args.partitions, total, decode=True))
+        raw_s = asyncio.run(raw_consume(bootstrap, topics.events, args.partitions, total, RAW))
+        raw_json_s = asyncio.run(raw_consume(bootstrap, topics.events, args.partitions, total, JSON))
+        decode_s = asyncio.run(raw_consume(bootstrap, topics.events, args.partitions, total, DECODE))
+        dedup_s = asyncio.run(raw_consume(bootstrap, topics.events, args.partitions, total, DEDUP))
 
         data = settings.model_dump(mode="json")
         data["worker"]["state_dir"] = os.path.join(tmp, "state")  # this run's own dedup stores
@@ -128,6 +150,8 @@ def main() -> None:
         ("produce (kafka-python)", n, produce_s),
         ("raw aiokafka getmany", n, raw_s),
         ("raw aiokafka + orjson", n, raw_json_s),
+        ("floor: raw + kpimon decode", n, decode_s),
+        ("floor: raw + decode + 128-bit digest in a set", n, dedup_s),
         ("kpimon end to end (incl. start-up)", n, e2e_s),
         ("kpimon steady (first progress -> final watermark)", n, steady_s),
     ]
@@ -138,12 +162,14 @@ def main() -> None:
         print(f"{name:52} {secs:9.2f} {count / secs:12,.0f}")
     ratio = raw_s / steady_s
     print(f"\nkpimon steady / raw consume ceiling = {ratio:.3f}; accepted {accepted:,}")
+    print(f"pure-Python floor / raw: decode {raw_s / decode_s:.3f}, decode + dedup in memory {raw_s / dedup_s:.3f}")
     if usage is not None:
         print(f"worker CPU: {usage:.1f} s ({usage / n * 1e6:.1f} µs per event)")
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "events": n,
         "partitions": args.partitions, "broker": args.broker, "cores": os.cpu_count(),
         "rates": {name: count / secs for name, count, secs in rows}, "ratio_steady_to_raw": ratio,
+        "floor_ratios": {"decode": raw_s / decode_s, "decode+dedup": raw_s / dedup_s},
         "worker_cpu_s": usage, "accepted": accepted,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,7 @@ def main() -> None:
         admin.ensure_topics(bootstrap, warm, 1)
         warm_n = min(n, 100_000)
         asyncio.run(_live.produce_fast(bootstrap, warm.events, 1, lines[:warm_n]))
-        asyncio.run(raw_consume(bootstrap, warm.events, 1, warm_n, decode=False))
+        asyncio.run(raw_consume(bootstrap, warm.events, 1, warm_n))
         admin.delete_topics(bootstrap, [warm.events, warm.state_log, *warm.single_partition()])
         for P in part_counts:
             for W in worker_counts:
@@ -101,7 +101,7 @@ def main() -> None:
                 admin.send_watermark(bootstrap, topics.events, P, until)
                 total = n + P
                 if P not in raw:
-                    raw[P] = asyncio.run(raw_consume(bootstrap, topics.events, P, total, decode=False))
+                    raw[P] = asyncio.run(raw_consume(bootstrap, topics.events, P, total))
                     print(f"P={P}: raw aiokafka getmany {n / raw[P]:,.0f} events/s", flush=True)
                 workdir = os.path.join(tmp, prefix.rstrip("."))
                 os.makedirs(workdir)
