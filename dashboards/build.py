@@ -306,6 +306,24 @@ def lifecycle_aarrr() -> dashboard.Dashboard:
                      query('sum by (metric) (kpimon_period_value{grain="$grain", '
                            'metric=~"active_users|new_users|paying_users|entered_sleeping|entered_churned"})',
                            "{{metric}}")), 16, 10)
+
+    lay.row("Growth accounting (open $grain)")
+    growth = 'sum(kpimon_period_value{{grain="$grain", metric="growth_{}"}})'
+    lay.add(ts_panel("Growth accounting so far",
+                     query(growth.format("new"), "new", "A"),
+                     query(growth.format("resurrected"), "resurrected", "B"),
+                     query(growth.format("retained"), "retained", "C"),
+                     query("-" + growth.format("dormant"), "dormant (negative)", "D"),
+                     min_zero=False,
+                     description="Active users of the open $grain by what they did in the previous $grain: new "
+                                 "(first activity ever), retained (active then too), resurrected (not active "
+                                 "then, active before). Dormant: active then, not yet in this one (it falls as "
+                                 "they come back). Final numbers: the period report (docs/metrics.md)."), 16)
+    lay.add(stat_panel("Quick ratio so far",
+                       f'({growth.format("new")} + {growth.format("resurrected")}) / ({growth.format("dormant")} > 0)',
+                       decimals=2, steps=((None, "red"), (1, "green")),
+                       description="(new + resurrected) / dormant of the open $grain: above 1 the active base "
+                                   "grows. No value while nobody is dormant."), 8)
     return dash
 
 

@@ -117,8 +117,10 @@ def _state_before_end(end: int, last: int, th: tuple[int, int, int, int]) -> str
     return "dead"
 
 
-def period_numbers(start: int, end: int, events: list[dict[str, Any]], settings: Any) -> dict[str, Any]:
-    """The raw numbers (money in minor units) of the period [start, end)."""
+def period_numbers(start: int, end: int, events: list[dict[str, Any]], settings: Any,
+                   prev_start: int | None = None) -> dict[str, Any]:
+    """The raw numbers (money in minor units) of the period [start, end); ``prev_start``: the start of the
+    period before it, for growth accounting (default: none is counted)."""
     th = settings.lifecycle.thresholds
     silent, sleeping, churned, dead = th
     state_thresholds = {"silent": silent, "sleeping": sleeping, "churned": churned, "dead": dead}
@@ -132,6 +134,7 @@ def period_numbers(start: int, end: int, events: list[dict[str, Any]], settings:
         "invites": 0, "referred_signups": 0, "entered_silent": 0, "entered_sleeping": 0, "entered_churned": 0,
         "entered_dead": 0, "won_back_churned": 0, "won_back_dead": 0,
         "population": {name: 0 for name in _STATE_NAMES}, "new_users_by_channel": {},
+        "growth_new": 0, "growth_retained": 0, "growth_resurrected": 0, "growth_dormant": 0,
     }
 
     def inside(t: int) -> bool:
@@ -178,6 +181,18 @@ def period_numbers(start: int, end: int, events: list[dict[str, Any]], settings:
                     n["won_back_dead"] += 1
                 elif gap > churned:
                     n["won_back_churned"] += 1
+        # growth accounting: active in P, in the period before it, ever before P
+        ever_before = bool(instants) and instants[0] < start
+        before = prev_start is not None and any(prev_start <= a < start for a in instants)
+        if in_p:
+            if not ever_before:
+                n["growth_new"] += 1
+            elif before:
+                n["growth_retained"] += 1
+            else:
+                n["growth_resurrected"] += 1
+        elif before:
+            n["growth_dormant"] += 1
         before_end = [a for a in instants if a < end]
         if before_end:
             n["population"][_state_before_end(end, before_end[-1], th)] += 1
@@ -216,7 +231,18 @@ def _result(n: dict[str, Any], settings: Any) -> dict[str, Any]:
         "won_back_by_depth": {"churned": n["won_back_churned"], "dead": n["won_back_dead"]},
         "population": dict(n["population"]),
         "new_users_by_channel": dict(sorted(n["new_users_by_channel"].items())),
+        "growth": {"new": n["growth_new"], "retained": n["growth_retained"],
+                   "resurrected": n["growth_resurrected"], "dormant": n["growth_dormant"],
+                   "quick_ratio": _quick_ratio(n["growth_new"] + n["growth_resurrected"], n["growth_dormant"])},
     }
+
+
+def _quick_ratio(gained: int, dormant: int) -> str | None:
+    """(new + resurrected) / dormant, rounded half-even to 4 places; no value without dormant users."""
+    if dormant == 0:
+        return None
+    return str((decimal.Decimal(gained) / decimal.Decimal(dormant)).quantize(decimal.Decimal("0.0001"),
+                                                                            rounding=decimal.ROUND_HALF_EVEN))
 
 
 def reference_report(events: list[dict[str, Any]], settings: Any, until_ms: int, *,
@@ -241,7 +267,8 @@ def reference_report(events: list[dict[str, Any]], settings: Any, until_ms: int,
         for period in cal.periods_between(first, until_ms, grain):
             if period.end_ms > until_ms:
                 continue
-            n = period_numbers(period.start_ms, period.end_ms, accepted, settings)
+            prev = cal.period_at(period.start_ms - 1, grain)
+            n = period_numbers(period.start_ms, period.end_ms, accepted, settings, prev.start_ms)
             if not _is_empty(n):
                 report[(str(grain), period.label)] = _result(n, settings)
     return report

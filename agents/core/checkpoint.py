@@ -131,11 +131,13 @@ def restore(cfg: EngineConfig, state: EngineState, dedup: DedupStore | None = No
     engine.max_ts, engine.wm, engine.cursor = state.max_ts, state.wm, state.cursor
     cal = cfg.calendar
     engine._periods = [cal.period_at(start, grain) for start, grain in zip(state.period_starts, GRAINS)]
+    engine.derive_prev_starts()
+    # The open periods' numbers; written before growth accounting, their growth is unknown (PeriodMetrics.growth).
     engine._accs = [PeriodMetrics.from_wire(m) for m in state.accs]
     engine.zones = [dict(zip(uids, [lo | (hi << PURCHASE_SHIFT) for lo, hi in zip(low, high, strict=True)],
                              strict=True)) for uids, low, high in state.zones]
     engine.lifetime = dict(zip(*state.lifetime, strict=True))
-    engine.ahead = {start: PeriodMetrics.from_wire(m) for start, m in state.ahead}
+    engine.ahead = {start: _flows_only(m) for start, m in state.ahead}
     for uid, data in state.pending_packed:
         cur = _unpacked(data)
         if not isinstance(cur, int) and not cur:
@@ -158,6 +160,13 @@ def restore(cfg: EngineConfig, state: EngineState, dedup: DedupStore | None = No
     engine.outbox = [Closed(cal.period_at(start, GRAINS[g]), PeriodMetrics.from_wire(m))
                      for g, start, m in state.outbox]
     return engine
+
+
+def _flows_only(wire: dict) -> PeriodMetrics:
+    """An ``ahead`` accumulator: flows of a day not open yet, so its growth counts are complete (zero)."""
+    acc = PeriodMetrics.from_wire(wire)
+    acc.growth = True
+    return acc
 
 
 def encode(cp: Checkpoint) -> bytes:

@@ -145,6 +145,7 @@ class PartitionEngine:
         # live on the day accumulator only and roll up when the day closes.
         self._periods: list[Period] = []
         self._accs: list[PeriodMetrics] = []
+        self._prev_starts: list[int] = []  # the start of the period before each open one
         # Flows of accepted events dated in days after the open one, by day start: that day's accumulator
         # starts from them when it opens.
         self.ahead: dict[int, PeriodMetrics] = {}
@@ -224,6 +225,11 @@ class PartitionEngine:
     def _open_periods(self, instant: int) -> None:
         self._periods = list(self.cal.periods_at(instant))
         self._accs = [PeriodMetrics() for _ in self._periods]
+        self.derive_prev_starts()
+
+    def derive_prev_starts(self) -> None:
+        """The start of the period before each open one (growth accounting: active in the previous period)."""
+        self._prev_starts = [self.cal.period_at(p.start_ms - 1, p.grain).start_ms for p in self._periods]
 
     @property
     def dedup(self) -> dict[str, int]:
@@ -412,6 +418,7 @@ class PartitionEngine:
             v = z0[uid] = t
             for acc in accs:
                 acc.active_users += 1
+                acc.first_active += 1
         else:
             a = v & LAST
             if t > a:
@@ -424,9 +431,15 @@ class PartitionEngine:
                     self._holes[zone] += 1
                 v = z0[uid] = v - a + t
                 if a < periods[0].start_ms:  # first activity today; ISO weeks straddle months
+                    prev = self._prev_starts
                     for g, acc in enumerate(accs):
                         if a < periods[g].start_ms:
                             acc.active_users += 1
+                            # growth accounting: was the user active in the previous period of this grain?
+                            if a >= prev[g]:
+                                acc.retained += 1
+                            else:
+                                acc.resurrected += 1
         # The user is in zone 0 now, with state v.  What the event does (agents/core/effects.py), but for
         # its flows, applied on arrival.
         eff = EFFECTS[code]
@@ -535,16 +548,18 @@ class PartitionEngine:
         day = accs[0]
         for g in range(1, len(GRAINS)):
             accs[g].add_additive(day)
+        prev_starts = self._prev_starts
         for g, (period, acc) in enumerate(zip(periods, accs)):
             if period.end_ms == boundary:
                 acc.population = list(pop)
                 self.outbox.append(Closed(period, acc))
                 periods[g] = self.cal.period_at(boundary, GRAINS[g])
-                accs[g] = PeriodMetrics()
-        # The new day starts with the flows that arrived for it before it opened.
-        early = self.ahead.pop(periods[0].start_ms, None)
-        if early is not None:
-            accs[0] = early
+                prev_starts[g] = period.start_ms
+                nxt = accs[g] = PeriodMetrics()
+                if g == 0:
+                    # The new day starts with the flows that arrived for it before it opened.
+                    nxt = accs[0] = self.ahead.pop(periods[0].start_ms, nxt)
+                nxt.prev_active = acc.active_users
 
     # ---------------------------------------------------------------- queries
     def open_metrics(self) -> list[tuple[Period, PeriodMetrics]]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from kpimon.agents.core.formula import PREV, to_fraction
 from kpimon.agents.core.lifecycle import STATES
+from kpimon.agents.core.metrics import GROWTH_KEYS
 
 __all__ = [
     "ADDITIVE_METRICS",
@@ -39,6 +40,7 @@ SCALAR_METRICS: tuple[str, ...] = (
 NESTED_METRICS: dict[str, tuple[str, ...]] = {
     "population": tuple(STATES),
     "won_back_by_depth": ("churned", "dead"),
+    "growth": GROWTH_KEYS,
 }
 #: Metrics that are split by acquisition channel, and where the split lives.
 CHANNEL_SPLIT: dict[str, str] = {"new_users": "new_users_by_channel"}
@@ -46,7 +48,7 @@ CHANNEL_SPLIT: dict[str, str] = {"new_users": "new_users_by_channel"}
 ADDITIVE_METRICS: frozenset[str] = frozenset({
     "new_users", "orders", "revenue", "refunds", "invites", "referred_signups", "entered_silent",
     "entered_sleeping", "entered_churned", "entered_dead", "churn_warnings", "churned", "won_back",
-    "won_back_by_depth.churned", "won_back_by_depth.dead",
+    "won_back_by_depth.churned", "won_back_by_depth.dead", "growth.new",
 })
 #: Money amounts (decimal strings in the metrics dict).
 MONEY_METRICS: frozenset[str] = frozenset({"revenue", "refunds"})
@@ -94,11 +96,12 @@ def is_additive(name: str) -> bool:
     return name in ADDITIVE_METRICS or name.split(".", 1)[0] in CHANNEL_SPLIT.values()
 
 
-def lookup(metrics: Mapping[str, Any], path: str) -> Fraction:
-    """The exact value of a metric path in a ``PeriodMetrics.result()`` dict.
+def lookup(metrics: Mapping[str, Any], path: str) -> Fraction | None:
+    """The exact value of a metric path in a ``PeriodMetrics.result()`` dict, ``None`` if it has no value.
 
-    A channel missing from ``new_users_by_channel`` is 0 (the report omits zeros).
-    A missing key elsewhere raises ``KeyError`` naming the path.
+    A channel missing from ``new_users_by_channel`` is 0 (the report omits zeros).  A ``None`` in the dict (a
+    quick ratio without dormant users, growth of a period open across an upgrade) has no value: a formula
+    reading it has none either.  A missing key elsewhere raises ``KeyError`` naming the path.
     """
     group, _, key = path.partition(".")
     if key and group in CHANNEL_SPLIT.values():
@@ -110,5 +113,5 @@ def lookup(metrics: Mapping[str, Any], path: str) -> Fraction:
                 value = value[key]
         except (KeyError, TypeError):
             raise KeyError(f"metric {path!r} is missing from the metrics dict") from None
-    return to_fraction(value, path)
+    return None if value is None else to_fraction(value, path)
 

@@ -6,6 +6,7 @@ calendar period.  Money is an int of minor currency units, never a float.
 
 from __future__ import annotations
 
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from kpimon.agents.core.lifecycle import STATES
@@ -27,13 +28,19 @@ ADDITIVE = (
 )
 # Distinct-user counts, counted per grain directly.
 DISTINCT = ("active_users", "paying_users")
+# Growth accounting, per grain: the active users split by what they did in the previous period of that grain
+# (first activity ever / active then too / not), and the active users of that previous period (carried over
+# when it closes).  Dormant = prev_active - retained.  Numbers written by earlier versions
+# lack them (``growth`` False: the period's growth is unknown, never zero).
+GROWTH = ("first_active", "retained", "resurrected", "prev_active")
+QUICK_RATIO_DECIMALS = 4
 ENTERED = ("entered_silent", "entered_sleeping", "entered_churned", "entered_dead")  # index = state - 1
 
 
 class PeriodMetrics:
     """Accumulator of one period.  Plain attributes: the engine bumps them inline."""
 
-    __slots__ = (*ADDITIVE, *DISTINCT, "population", "new_users_by_channel")
+    __slots__ = (*ADDITIVE, *DISTINCT, *GROWTH, "growth", "population", "new_users_by_channel")
 
     # Declarations only (no class values, so no clash with __slots__): the counters are set
     # by name in __init__ from ADDITIVE / DISTINCT, which a type checker cannot follow.
@@ -51,12 +58,15 @@ class PeriodMetrics:
     won_back_dead: int
     active_users: int
     paying_users: int
+    first_active: int
+    retained: int
+    resurrected: int
+    prev_active: int
 
     def __init__(self) -> None:
-        for name in ADDITIVE:
+        for name in (*ADDITIVE, *DISTINCT, *GROWTH):
             setattr(self, name, 0)
-        for name in DISTINCT:
-            setattr(self, name, 0)
+        self.growth = True  # the growth counts cover the whole period
         self.population: list[int] = [0] * len(STATES)
         self.new_users_by_channel: dict[str, int] = {}
 
@@ -70,8 +80,9 @@ class PeriodMetrics:
     def merge(self, other: PeriodMetrics) -> PeriodMetrics:
         """Sum of two partitions' numbers for the same period (users are partitioned)."""
         out = PeriodMetrics()
-        for name in (*ADDITIVE, *DISTINCT):
+        for name in (*ADDITIVE, *DISTINCT, *GROWTH):
             setattr(out, name, getattr(self, name) + getattr(other, name))
+        out.growth = self.growth and other.growth
         out.population = [a + b for a, b in zip(self.population, other.population)]
         chans = dict(self.new_users_by_channel)
         for ch, n in other.new_users_by_channel.items():
@@ -84,8 +95,9 @@ class PeriodMetrics:
         out = PeriodMetrics()
         for name in ADDITIVE:
             setattr(out, name, getattr(self, name) + getattr(other, name))
-        for name in DISTINCT:
+        for name in (*DISTINCT, *GROWTH):
             setattr(out, name, getattr(self, name))
+        out.growth = self.growth
         out.population = list(self.population)
         out.new_users_by_channel = dict(self.new_users_by_channel)
         return out
@@ -93,6 +105,9 @@ class PeriodMetrics:
     # -- wire form (partials between worker and aggregator, state snapshots) --
     def to_wire(self) -> dict[str, Any]:
         data: dict[str, Any] = {name: getattr(self, name) for name in (*ADDITIVE, *DISTINCT)}
+        if self.growth:
+            for name in GROWTH:
+                data[name] = getattr(self, name)
         data["population"] = list(self.population)
         data["new_users_by_channel"] = dict(sorted(self.new_users_by_channel.items()))
         return data
@@ -102,13 +117,17 @@ class PeriodMetrics:
         out = cls()
         for name in (*ADDITIVE, *DISTINCT):
             setattr(out, name, int(data[name]))
+        out.growth = all(name in data for name in GROWTH)  # written before growth accounting: unknown
+        if out.growth:
+            for name in GROWTH:
+                setattr(out, name, int(data[name]))
         out.population = [int(x) for x in data["population"]]
         out.new_users_by_channel = {str(k): int(v) for k, v in data["new_users_by_channel"].items()}
         return out
 
     def is_empty(self) -> bool:
         """No event, no entry and no user at all: a period before any data."""
-        return not any(getattr(self, n) for n in (*ADDITIVE, *DISTINCT)) and not any(self.population)
+        return not any(getattr(self, n) for n in (*ADDITIVE, *DISTINCT, *GROWTH)) and not any(self.population)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PeriodMetrics) and self.to_wire() == other.to_wire()
@@ -138,7 +157,27 @@ class PeriodMetrics:
             "won_back_by_depth": {"churned": self.won_back_churned, "dead": self.won_back_dead},
             "population": dict(zip(STATES, self.population)),
             "new_users_by_channel": dict(sorted(self.new_users_by_channel.items())),
+            "growth": self.growth_result(),
         }
+
+    def growth_result(self) -> dict[str, Any]:
+        """Growth accounting (docs/metrics.md); every value ``None`` if the period's growth is unknown."""
+        if not self.growth:
+            return dict.fromkeys(GROWTH_KEYS)
+        dormant = self.prev_active - self.retained
+        return {"new": self.first_active, "retained": self.retained, "resurrected": self.resurrected,
+                "dormant": dormant, "quick_ratio": quick_ratio(self.first_active + self.resurrected, dormant)}
+
+
+GROWTH_KEYS = ("new", "retained", "resurrected", "dormant", "quick_ratio")
+
+
+def quick_ratio(gained: int, dormant: int) -> str | None:
+    """``gained / dormant`` as a decimal string rounded half-even to 4 places; ``None`` if nobody went dormant."""
+    if not dormant:
+        return None
+    q = Decimal(gained) / Decimal(dormant)
+    return str(q.quantize(Decimal(1).scaleb(-QUICK_RATIO_DECIMALS), rounding=ROUND_HALF_EVEN))
 
 
 def merge_all(items: list[PeriodMetrics]) -> PeriodMetrics:

@@ -26,6 +26,8 @@ from kpimon.streams.events import Reason
 PERIOD_METRICS = tuple(m for m in (*DISTINCT, *ADDITIVE) if m not in ("won_back_churned", "won_back_dead")) + (
     "won_back",
 )
+# Growth accounting of the open period so far (absent while a period's growth is unknown, see PeriodMetrics.growth).
+GROWTH_METRICS = ("growth_new", "growth_retained", "growth_resurrected", "growth_dormant")
 MONEY_METRICS = {"revenue", "refunds"}
 
 
@@ -116,16 +118,25 @@ class StateCollector(Collector):
             for period, m in e.open_metrics():
                 values = {name: getattr(m, name) for name in (*DISTINCT, *ADDITIVE)}
                 values["won_back"] = m.won_back_churned + m.won_back_dead
+                if m.growth:
+                    values.update(growth_new=m.first_active, growth_retained=m.retained,
+                                  growth_resurrected=m.resurrected, growth_dormant=m.prev_active - m.retained)
                 cur = latest.get(period.grain)
                 if cur is None or period.start_ms > cur[0]:
                     latest[period.grain] = (period.start_ms, values)
                 elif period.start_ms == cur[0]:
+                    known = cur[1]
+                    for name in GROWTH_METRICS:  # growth is known for the period only if every partition knows it
+                        if (name in known) != (name in values):
+                            known.pop(name, None)
+                            values.pop(name, None)
                     for k, v in values.items():
-                        cur[1][k] += v
+                        known[k] += v
         for grain, (_, values) in latest.items():
-            for name in PERIOD_METRICS:
-                v = values[name]
-                fam.add_metric([name, str(grain)], v / self._unit if name in MONEY_METRICS else v)
+            for name in (*PERIOD_METRICS, *GROWTH_METRICS):
+                if name in values:
+                    v = values[name]
+                    fam.add_metric([name, str(grain)], v / self._unit if name in MONEY_METRICS else v)
         return fam
 
 

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from kpimon.agents.core import checkpoint
 from kpimon.agents.core.checkpoint import CheckpointError
 from kpimon.agents.core.engine import EngineConfig, PartitionEngine
+from kpimon.agents.core.grains import GRAINS
+from kpimon.agents.core.metrics import GROWTH, PeriodMetrics
 from kpimon.agents.worker.recovery import Replayer
 from kpimon.streams.events import Decoder
 from tests.factories import DAY, settings_factory, streams_of_events, to_lines, ts_ms_of
@@ -132,12 +134,31 @@ def test_a_format_1_checkpoint_from_the_previous_release_still_loads() -> None:
     cp, restored = checkpoint.load(engine.cfg, data, 0, dedup=engine.dedup_store)
     assert cp.format == 1 and cp.source_offset == 99 and cp.engine.pending and not cp.engine.pending_packed
     assert engine.pending_count() > 20 and engine.ahead  # purchases wait, and flows arrived for days not open yet
-    assert engine_state(restored) == engine_state(engine)
+    # That release had no growth accounting: the periods open in it have unknown growth, never zeros.
+    assert [acc.growth for acc in restored._accs] == [False] * len(GRAINS)
+    assert all(acc.growth for acc in restored.ahead.values())  # days not open yet: only flows, complete
+    assert _growth_free(engine_state(restored)) == _growth_free(engine_state(engine))
+    open_then = {(str(p.grain), p.label) for p in restored._periods}
     for eng in (engine, restored):
         eng.advance(marker=T0 + 12 * DAY)
     closed = closed_state(engine.take_outbox())
-    assert len(closed) > 10 and closed_state(restored.take_outbox()) == closed
+    got = closed_state(restored.take_outbox())
+    assert len(closed) > 10 and [c[:2] for c in got] == [c[:2] for c in closed]
+    for (grain, label, want), (_, _, have) in zip(closed, got, strict=True):
+        if (grain, label) in open_then:
+            assert not PeriodMetrics.from_wire(have).growth and have == _without_growth(want)
+        else:  # opened after the load: complete, growth included
+            assert have == want and PeriodMetrics.from_wire(have).growth
     # Written again, it is format 2 and round-trips.
     again = checkpoint.take(restored, 0, 99)
     assert checkpoint.decode(again).format == checkpoint.FORMAT == 2
-    assert engine_state(checkpoint.load(engine.cfg, again, 0, dedup=engine.dedup_store)[1]) == engine_state(engine)
+    assert engine_state(checkpoint.load(engine.cfg, again, 0, dedup=engine.dedup_store)[1]) == engine_state(restored)
+
+
+def _without_growth(wire: dict) -> dict:
+    return {k: v for k, v in wire.items() if k not in GROWTH}
+
+
+def _growth_free(state: dict) -> dict:
+    """An engine_state() without the growth counts of its open periods."""
+    return {**state, "open": [(g, label, _without_growth(m)) for g, label, m in state["open"]]}

@@ -415,6 +415,71 @@ def _impls(case: Case) -> list[str]:
     return ["reference"] + [f"pipeline-{n}p" for n in case.partitions]
 
 
+# --------------------------------------------------------------------------- #
+# growth accounting: new / retained / resurrected / dormant per grain, and the quick ratio
+
+
+def growth(new: int, retained: int, resurrected: int, dormant: int, quick_ratio: str | None) -> dict[str, Any]:
+    return {"new": new, "retained": retained, "resurrected": resurrected, "dormant": dormant,
+            "quick_ratio": quick_ratio}
+
+
+ev = events_factory()
+CASES.append(Case(
+    # Jan 10: u1, u2, u3 new.  Jan 11: u1 again (retained), u4 new; u2, u3 dormant.  Jan 12: u3 back (resurrected:
+    # active Jan 10, not Jan 11), u4 again (retained); u1 dormant.  Jan 13: nobody (u3, u4 dormant).
+    id="growth-accounting-by-day",
+    events=[ev("u1", "login", "2024-01-10T08:00:00Z"), ev("u2", "login", "2024-01-10T09:00:00Z"),
+            ev("u3", "login", "2024-01-10T23:59:59.999Z"), ev("u1", "login", "2024-01-11T00:00:00Z"),
+            ev("u4", "signup", "2024-01-11T12:00:00Z"), ev("u3", "purchase", "2024-01-12T10:00:00Z", amount="5"),
+            ev("u4", "login", "2024-01-12T11:00:00Z")],
+    until=ms("2024-01-15T00:00:00Z"),
+    expect={
+        ("day", "2024-01-10"): {"active_users": 3, "growth": growth(3, 0, 0, 0, None)},  # nobody dormant: no ratio
+        ("day", "2024-01-11"): {"active_users": 2, "growth": growth(1, 1, 0, 2, "0.5000")},
+        ("day", "2024-01-12"): {"active_users": 2, "growth": growth(0, 1, 1, 1, "1.0000")},
+        ("day", "2024-01-13"): {"active_users": 0, "growth": growth(0, 0, 0, 2, "0.0000")},
+        ("week", "2024-W02"): {"active_users": 4, "growth": growth(4, 0, 0, 0, None)},
+    },
+))
+
+ev = events_factory()
+CASES.append(Case(
+    # An ISO week that straddles two months: u1 active Tue Jan 30 and Fri Feb 2 is retained in February (active
+    # in January too) and in nothing else of week 5; u2 active Jan 2 and Feb 1 is resurrected in week 5 (not
+    # active in week 4) but retained in February.  u3, active in January only, is dormant in February.
+    id="growth-accounting-week-straddles-month",
+    events=[ev("u2", "login", "2024-01-02T10:00:00Z"), ev("u3", "login", "2024-01-03T10:00:00Z"),
+            ev("u1", "login", "2024-01-30T10:00:00Z"),
+            ev("u2", "login", "2024-02-01T10:00:00Z"), ev("u1", "login", "2024-02-02T10:00:00Z")],
+    until=ms("2024-03-01T00:00:00Z"),
+    expect={
+        ("month", "2024-01"): {"active_users": 3, "growth": growth(3, 0, 0, 0, None)},
+        ("month", "2024-02"): {"active_users": 2, "growth": growth(0, 2, 0, 1, "0.0000")},
+        ("week", "2024-W05"): {"active_users": 2, "growth": growth(1, 0, 1, 0, None)},
+        ("week", "2024-W06"): {"active_users": 0, "growth": growth(0, 0, 0, 2, "0.0000")},
+    },
+))
+
+ev = events_factory()
+CASES.append(Case(
+    # Calendar days in the configured timezone, across the DST change (2024-03-10 in New York: a 23-hour day).
+    # u1 at 23:59 local on Mar 9 (04:59Z Mar 10) and 00:01 local Mar 10 (05:01Z): retained on Mar 10.  u2 at
+    # 23:30 local Mar 10 (03:30Z Mar 11, after the change) and Mar 12: new on Mar 10, dormant Mar 11, resurrected
+    # on Mar 12.
+    id="growth-accounting-local-days-across-dst",
+    settings={"timezone": "America/New_York"},
+    events=[ev("u1", "login", "2024-03-10T04:59:00Z"), ev("u1", "login", "2024-03-10T05:01:00Z"),
+            ev("u2", "login", "2024-03-11T03:30:00Z"), ev("u2", "login", "2024-03-12T16:00:00Z")],
+    until=ms("2024-03-14T04:00:00Z"),
+    expect={
+        ("day", "2024-03-09"): {"active_users": 1, "growth": growth(1, 0, 0, 0, None)},
+        ("day", "2024-03-10"): {"active_users": 2, "growth": growth(1, 1, 0, 0, None)},
+        ("day", "2024-03-11"): {"active_users": 0, "growth": growth(0, 0, 0, 2, "0.0000")},
+        ("day", "2024-03-12"): {"active_users": 1, "growth": growth(0, 0, 1, 0, None)},
+    },
+))
+
 PARAMS = [pytest.param(case, impl, id=f"{case.id}|{impl}") for case in CASES for impl in _impls(case)]
 
 

@@ -80,6 +80,18 @@ def test_state_gauges_are_computed_at_scrape_time_and_summed_over_partitions(reg
     assert get("kpimon_period_value", {"metric": "entered_silent", "grain": "month"}) == 1
     # The open day has no activity yet.
     assert get("kpimon_period_value", {"metric": "active_users", "grain": "day"}) == 0
+    # Growth so far: a and b are new this month; both were active last week (Jan 1-7) and not yet in the open
+    # one (from Jan 8): dormant so far; nobody was active yesterday.
+    assert get("kpimon_period_value", {"metric": "growth_new", "grain": "month"}) == 2
+    assert get("kpimon_period_value", {"metric": "growth_retained", "grain": "month"}) == 0
+    assert get("kpimon_period_value", {"metric": "growth_dormant", "grain": "week"}) == 2
+    assert get("kpimon_period_value", {"metric": "growth_dormant", "grain": "day"}) == 0
+    # A partition whose open period's growth is unknown (restored from numbers of an earlier version): the growth
+    # gauges of that period are absent, not partial sums.
+    e2._accs[3].growth = False  # the quarter
+    assert get("kpimon_period_value", {"metric": "growth_new", "grain": "quarter"}) is None
+    assert get("kpimon_period_value", {"metric": "active_users", "grain": "quarter"}) == 2
+    assert get("kpimon_period_value", {"metric": "growth_new", "grain": "month"}) == 2
 
 
 def test_exposition_passes_promtool(registry, settings):
