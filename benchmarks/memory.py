@@ -120,30 +120,10 @@ def _template(case: str, rnd: int, user: int) -> bytes:
     return _ROUND6[0 if user % 10 else 1]
 
 
-class _ForgetAll:
-    """A dedup store that remembers no id (every id of this benchmark is new)."""
-
-    def __init__(self, horizon: int) -> None:
-        from kpimon.agents.core.dedup import DedupRule
-
-        self.rule = DedupRule(horizon)
-
-    def seen(self, ids: Any) -> list[bool]:
-        return [False] * len(ids)
-
-    def add(self, ids: Any, ts: Any) -> None:
-        pass
-
-    def expire(self, wm: int) -> None:
-        pass
-
-    def __len__(self) -> int:
-        return 0
-
-
 def _measure(case: str, users: int, chunk: int = 4000) -> dict[str, Any]:
     """Runs in a fresh interpreter: RSS delta of feeding ``users`` users into one engine."""
     from kpimon.agents.core.batch import process_messages
+    from kpimon.agents.core.dedup import NoDedup
     from kpimon.agents.core.engine import EngineConfig, PartitionEngine
     from kpimon.config.settings import from_mapping
     from kpimon.streams.events import Decoder
@@ -152,7 +132,7 @@ def _measure(case: str, users: int, chunk: int = 4000) -> dict[str, Any]:
     # Every event id here is new: a store that remembers none keeps the ids out of the per-user figure (the
     # dedup store forgets a whole hour of event time at once, which this feed never reaches; in a worker the
     # ids live on disk, measured by the soak).
-    engine = PartitionEngine(EngineConfig.from_settings(settings), _ForgetAll(settings.dedup_horizon))
+    engine = PartitionEngine(EngineConfig.from_settings(settings), NoDedup(settings.dedup_horizon))
     dec = Decoder(settings.money.decimals)
     label = settings.channel_label
     rounds = 1 if case == "one" else 6

@@ -20,14 +20,15 @@ from prometheus_client.registry import Collector
 from kpimon.agents.core.batch import Tally
 from kpimon.agents.core.engine import WINDOW_NAMES, PartitionEngine
 from kpimon.agents.core.lifecycle import STATES
-from kpimon.agents.core.metrics import ADDITIVE, DISTINCT
+from kpimon.agents.core.metrics import ADDITIVE, DISTINCT, PeriodMetrics
 from kpimon.streams.events import Reason
 
 PERIOD_METRICS = tuple(m for m in (*DISTINCT, *ADDITIVE) if m not in ("won_back_churned", "won_back_dead")) + (
     "won_back",
 )
-# Growth accounting of the open period so far (absent while a period's growth is unknown, see PeriodMetrics.growth).
-GROWTH_METRICS = ("growth_new", "growth_retained", "growth_resurrected", "growth_dormant")
+# Growth accounting of the open period so far, as metric="growth_<key>" (absent while a period's growth is
+# unknown, see PeriodMetrics.growth).
+GROWTH_GAUGES = ("new", "retained", "resurrected", "dormant")
 MONEY_METRICS = {"revenue", "refunds"}
 
 
@@ -112,31 +113,25 @@ class StateCollector(Collector):
         fam = GaugeMetricFamily("kpimon_period_value",
                                 "Value so far of the open calendar period of each grain (money in currency units)",
                                 labels=["metric", "grain"])
-        # The open period of a grain is the latest one among this worker's partitions.
-        latest: dict[str, tuple[int, dict[str, float]]] = {}
+        # The open period of a grain is the latest one among this worker's partitions, merged over them.
+        latest: dict[str, tuple[int, PeriodMetrics]] = {}
         for e in engines:
             for period, m in e.open_metrics():
-                values = {name: getattr(m, name) for name in (*DISTINCT, *ADDITIVE)}
-                values["won_back"] = m.won_back_churned + m.won_back_dead
-                if m.growth:
-                    values.update(growth_new=m.first_active, growth_retained=m.retained,
-                                  growth_resurrected=m.resurrected, growth_dormant=m.prev_active - m.retained)
                 cur = latest.get(period.grain)
                 if cur is None or period.start_ms > cur[0]:
-                    latest[period.grain] = (period.start_ms, values)
+                    latest[period.grain] = (period.start_ms, m)
                 elif period.start_ms == cur[0]:
-                    known = cur[1]
-                    for name in GROWTH_METRICS:  # growth is known for the period only if every partition knows it
-                        if (name in known) != (name in values):
-                            known.pop(name, None)
-                            values.pop(name, None)
-                    for k, v in values.items():
-                        known[k] += v
-        for grain, (_, values) in latest.items():
-            for name in (*PERIOD_METRICS, *GROWTH_METRICS):
-                if name in values:
-                    v = values[name]
-                    fam.add_metric([name, str(grain)], v / self._unit if name in MONEY_METRICS else v)
+                    latest[period.grain] = (cur[0], cur[1].merge(m))
+        for grain, (_, m) in latest.items():
+            values = {name: getattr(m, name) for name in (*DISTINCT, *ADDITIVE)}
+            values["won_back"] = m.won_back_churned + m.won_back_dead
+            for name in PERIOD_METRICS:
+                v = values[name]
+                fam.add_metric([name, str(grain)], v / self._unit if name in MONEY_METRICS else v)
+            if m.growth:  # known only if every partition knows it (PeriodMetrics.merge)
+                growth = m.growth_result()
+                for key in GROWTH_GAUGES:
+                    fam.add_metric([f"growth_{key}", str(grain)], growth[key])
         return fam
 
 
