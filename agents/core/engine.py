@@ -60,6 +60,21 @@ CODE_MASK = 7
 assert (LAST << TS_SHIFT) | CODE_MASK < 2**63
 
 
+def fresh_slots(n: int) -> int:
+    """How many entries a dict copied from one of ``n`` keys holds before CPython grows its table.
+
+    ``dict(d)`` sizes the table to the smallest power of two >= (3n+1)/2 and can use 2/3 of it
+    (CPython 3.11-3.13, checked by tests/unit/core/test_zone_tables.py).  Every insert takes an entry, and
+    a deleted key's entry stays taken until the table is rebuilt: a user moved to the end of a zone takes
+    one more.  When none is left CPython doubles the table instead (2^19 -> 2^20 slots at 250k users).
+    """
+    need = (3 * n + 1) // 2
+    size = 8
+    while size < need:
+        size <<= 1
+    return (size << 1) // 3
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     calendar: Calendar
@@ -131,6 +146,8 @@ class PartitionEngine:
         # (plain dicts keep insertion order; deletions leave holes that _compact removes).
         self.zones: list[dict[str, int]] = [{} for _ in self.ladder.bounds]
         self._holes: list[int] = [0] * len(self.ladder.bounds)
+        # Entries each zone's table holds since the engine last rebuilt it (None: not known, grown by CPython).
+        self._slots: list[int | None] = [None] * len(self.ladder.bounds)
         self.totals = Totals()
         self.outbox: list[Closed] = []
         # (from_state, to_state) -> count, drained by the exporter.
@@ -359,7 +376,7 @@ class PartitionEngine:
             if movers:
                 # The users just applied go to the end of zone 0 in order of last activity (zones stay ordered
                 # by it; ties by user id), as one sorted run.
-                z0 = self.zones[0]  # _age may have compacted it
+                z0 = self._compact(0, len(movers))
                 if len(movers) > 1:
                     movers = [uid for _, uid in sorted([(z0[uid] & LAST, uid) for uid in movers])]
                 for uid in movers:
@@ -491,12 +508,34 @@ class PartitionEngine:
             elif gap > self.th.churned:
                 day.won_back_churned += 1
 
-    def _compact(self, k: int) -> dict[str, int]:
-        """Rebuild zone k once deletions left as many holes as it has users (amortized O(1))."""
+    def _compact(self, k: int, upcoming: int = 0) -> dict[str, int]:
+        """Rebuild zone k when its deleted entries are worth it, before ``upcoming`` inserts.
+
+        Each insert and each move to the end takes an entry of the dict's table, and deletions free none, so
+        the table fills.  When it is full CPython doubles it (the zone-0 table of 250k users goes from 7.3 to
+        14.7 MiB) and the engine's rebuild halves it again later: a swing of the whole table, in step across
+        partitions (docs/performance.md).  So a zone is rebuilt *before* its next inserts would fill the
+        table, if the rebuilt table then leaves room for at least an eighth of its users (a rebuild per
+        eighth is then the most it costs, ~30 ns per entry); else, near a power of two, CPython grows it
+        and the engine rebuilds once deletions left as many holes as the zone has users (amortized O(1)).
+        """
         zone = self.zones[k]
-        if self._holes[k] > len(zone) + 1024:
+        holes = self._holes[k]
+        if not holes:
+            return zone
+        n = len(zone)
+        slots = self._slots[k]
+        rebuild = holes > n + 1024
+        if not rebuild and slots is not None and n + holes + upcoming > slots:
+            fresh = fresh_slots(n)
+            if fresh - n - upcoming >= n >> 3:
+                rebuild = True
+            else:
+                self._slots[k] = None  # CPython grows it now
+        if rebuild:
             zone = self.zones[k] = dict(zone)
             self._holes[k] = 0
+            self._slots[k] = fresh_slots(n)
         return zone
 
     def _age(self, limit: int) -> None:
