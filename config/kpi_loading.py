@@ -38,7 +38,8 @@ _UTC = Calendar("UTC")  # label syntax does not depend on the zone
 # --------------------------------------------------------------------------- cross-reference checks
 
 
-def spec_problems(spec: KpiSpec, channels: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
+def spec_problems(spec: KpiSpec, channels: tuple[str, ...] | None = None, *,
+                  retention_days: tuple[int, ...] | None = None) -> list[tuple[str, str]]:
     """Every cross-reference fault as (key, fault); empty if the spec is valid."""
     out: list[tuple[str, str]] = []
     kpis: dict[str, Kpi] = {}
@@ -53,7 +54,7 @@ def spec_problems(spec: KpiSpec, channels: tuple[str, ...] | None = None) -> lis
         owners.setdefault(o.id, o)
     departments = {o.id for o in spec.owners if o.level == "department"}
     for k in spec.kpis:
-        out.extend(_kpi_problems(k, channels, departments))
+        out.extend(_kpi_problems(k, channels, departments, retention_days))
     if spec.owners:
         companies = [o.id for o in spec.owners if o.level == "company"]
         if len(companies) != 1:
@@ -62,13 +63,13 @@ def spec_problems(spec: KpiSpec, channels: tuple[str, ...] | None = None) -> lis
         out.extend(_owner_problems(spec, o, owners, kpis, channels))
     return out
 
-def _kpi_problems(k: Kpi, channels: tuple[str, ...] | None,
-                  departments: set[str]) -> list[tuple[str, str]]:
+def _kpi_problems(k: Kpi, channels: tuple[str, ...] | None, departments: set[str],
+                  retention_days: tuple[int, ...] | None = None) -> list[tuple[str, str]]:
     key = f"kpis.{k.id}"
     out: list[tuple[str, str]] = []
     names: tuple[str, ...] = ()
     if k.metric is not None:
-        fault = metric_name_problem(k.metric, channels, allow_prev=False)
+        fault = metric_name_problem(k.metric, channels, allow_prev=False, retention_days=retention_days)
         if fault:
             out.append((f"{key}.metric", fault))
         else:
@@ -79,7 +80,7 @@ def _kpi_problems(k: Kpi, channels: tuple[str, ...] | None,
         except FormulaError as err:
             out.append((f"{key}.formula", str(err)))
         for name in names:
-            fault = metric_name_problem(name, channels)
+            fault = metric_name_problem(name, channels, retention_days=retention_days)
             if fault:
                 out.append((f"{key}.formula", fault))
     if k.segment is not None:
@@ -229,10 +230,11 @@ def _format_error(source: str, err: ValidationError, data: Any) -> str:
     return "\n".join(dict.fromkeys(lines))
 
 
-def from_mapping(data: Any, source: str = "<mapping>", channels: tuple[str, ...] | list[str] | None = None) -> KpiSpec:
+def from_mapping(data: Any, source: str = "<mapping>", channels: tuple[str, ...] | list[str] | None = None, *,
+                 retention_days: tuple[int, ...] | None = None) -> KpiSpec:
     """Validate a mapping (as read from YAML).  ``channels``: the allowed channel labels
-    (``Settings.channels``); ``None`` accepts any label.  KPIs without their own ``payout``
-    get the spec's curve."""
+    (``Settings.channels``); ``None`` accepts any label; ``retention_days`` likewise for ``retention.d<N>``.
+    KPIs without their own ``payout`` get the spec's curve."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: <root>: expected a mapping of keys, got {type(data).__name__}")
     if "source" in data:
@@ -241,14 +243,16 @@ def from_mapping(data: Any, source: str = "<mapping>", channels: tuple[str, ...]
         spec = KpiSpec.model_validate({**data, "source": source})
     except ValidationError as err:
         raise ConfigError(_format_error(source, err, data)) from None
-    problems = spec_problems(spec, tuple(channels) if channels is not None else None)
+    problems = spec_problems(spec, tuple(channels) if channels is not None else None,
+                             retention_days=retention_days)
     if problems:
         raise ConfigError("\n".join(f"{source}: {key}: {fault}" for key, fault in problems))
     kpis = tuple(k if k.payout is not None else k.model_copy(update={"payout": spec.payout}) for k in spec.kpis)
     return spec.model_copy(update={"kpis": kpis})
 
 
-def load_kpis(path: str | Path | None = None, channels: tuple[str, ...] | list[str] | None = None) -> KpiSpec:
+def load_kpis(path: str | Path | None = None, channels: tuple[str, ...] | list[str] | None = None, *,
+              retention_days: tuple[int, ...] | None = None) -> KpiSpec:
     """Load and validate a KPI spec (default: the packaged ``config/kpis.yaml``)."""
     path = Path(path) if path is not None else DEFAULT_KPIS_PATH
-    return from_mapping(read_yaml(path, exact=True), str(path), channels)
+    return from_mapping(read_yaml(path, exact=True), str(path), channels, retention_days=retention_days)

@@ -154,6 +154,27 @@ class Lifecycle(_Model):
         return (self.silent_after, self.sleeping_after, self.churned_after, self.dead_after)
 
 
+class Retention(_Model):
+    """N-day retention and the signup-cohort table (docs/metrics.md)."""
+
+    days: tuple[int, ...] = (1, 7, 30)
+    cohort_horizon: int = Field(default=12, ge=1, le=104)
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value:
+            raise ValueError("list at least one day count, e.g. [1, 7, 30]")
+        if len(value) > 10:
+            raise ValueError("at most 10 day counts")
+        for n in value:
+            if not 1 <= n <= 366:
+                raise ValueError(f"{n}: a day count must be between 1 and 366")
+        if len(set(value)) != len(value):
+            raise ValueError("a day count is listed twice")
+        return tuple(sorted(value))
+
+
 class Money(_Model):
     decimals: int = Field(default=2, ge=0, le=6)
 
@@ -221,6 +242,7 @@ class Settings(_Model):
     max_future: FutureDuration = parse_duration("1d")
     min_epoch_ms: int = 946_684_800_000  # earliest *integer* ts accepted: 2000-01-01T00:00:00Z (see _epoch_floor)
     lifecycle: Lifecycle = Lifecycle()
+    retention: Retention = Retention()
     channels: tuple[str, ...] = ("organic", "paid_search", "social", "email", "referral")
     event_types: tuple[str, ...] = ("signup", "purchase", "refund", "invite", "login", "page_view", "session_start",
                                     "app_open")
@@ -300,7 +322,7 @@ class Settings(_Model):
             return None
         if not path.exists():
             raise ConfigError(f"{self.source}: kpis: no such file {str(path)!r}")
-        return load_kpis(path, channels=self.channels)
+        return load_kpis(path, channels=self.channels, retention_days=self.retention.days)
 
     def channel_label(self, channel: str | None) -> str:
         if channel is None:

@@ -18,7 +18,11 @@ Definitions (docs: the metric spec):
 * won back: a_{i+1} with a_{i+1} - a_i > T_churned ("dead" if > T_dead).
 * population of P: every user with an activity before P's end, classified by
   ``end - last activity before end`` (<= T_silent active, ... > T_dead dead).
-* The first signup of a user is the earliest by ``(ts, event_id)``.
+* The first signup of a user is the earliest by ``(ts, event_id)``; its local day is the signup day.
+* N-day retention of P: eligible, the users whose signup day + N days is a day of P; retained, those of
+  them with an event on that day.
+* Cohorts of a week or month P: for P and each of the ``cohort_horizon`` periods before it, the users whose
+  first signup is in that period and who have an event in P.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kpimon.agents.core.grains import GRAINS
-from kpimon.agents.core.periods import Calendar
+from kpimon.agents.core.periods import get_calendar
 from kpimon.streams.events import format_money
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -118,9 +122,11 @@ def _state_before_end(end: int, last: int, th: tuple[int, int, int, int]) -> str
 
 
 def period_numbers(start: int, end: int, events: list[dict[str, Any]], settings: Any,
-                   prev_start: int | None = None) -> dict[str, Any]:
+                   prev_start: int | None = None, cohorts: list[Any] | None = None) -> dict[str, Any]:
     """The raw numbers (money in minor units) of the period [start, end); ``prev_start``: the start of the
-    period before it, for growth accounting (default: none is counted)."""
+    period before it, for growth accounting (default: none is counted); ``cohorts``: the signup-cohort
+    periods to count (a week's or month's)."""
+    cal = get_calendar(settings.timezone)
     th = settings.lifecycle.thresholds
     silent, sleeping, churned, dead = th
     state_thresholds = {"silent": silent, "sleeping": sleeping, "churned": churned, "dead": dead}
@@ -135,6 +141,8 @@ def period_numbers(start: int, end: int, events: list[dict[str, Any]], settings:
         "entered_dead": 0, "won_back_churned": 0, "won_back_dead": 0,
         "population": {name: 0 for name in _STATE_NAMES}, "new_users_by_channel": {},
         "growth_new": 0, "growth_retained": 0, "growth_resurrected": 0, "growth_dormant": 0,
+        "retention": {n: [0, 0] for n in settings.retention.days},
+        "cohorts": None if cohorts is None else {c.label: 0 for c in cohorts},
     }
 
     def inside(t: int) -> bool:
@@ -144,6 +152,18 @@ def period_numbers(start: int, end: int, events: list[dict[str, Any]], settings:
         evs = sorted(by_user[uid], key=lambda e: (e["ts"], e["event_id"]))
         # signups: the first one by (ts, event_id)
         signups = [e for e in evs if e["type"] == "signup"]
+        if signups:
+            signup_ts = signups[0]["ts"]
+            signup_day = cal.day_ordinal(signup_ts)
+            for days, counts in n["retention"].items():
+                day_n = cal.periods_of_day(signup_day + days)[0]
+                if inside(day_n.start_ms):
+                    counts[0] += 1
+                    if any(day_n.start_ms <= e["ts"] < day_n.end_ms for e in evs):
+                        counts[1] += 1
+            for c in cohorts or ():
+                if c.start_ms <= signup_ts < c.end_ms and any(inside(e["ts"]) for e in evs):
+                    n["cohorts"][c.label] += 1
         if signups and inside(signups[0]["ts"]):
             first = signups[0]
             n["new_users"] += 1
@@ -200,8 +220,11 @@ def period_numbers(start: int, end: int, events: list[dict[str, Any]], settings:
 
 
 def _is_empty(n: dict[str, Any]) -> bool:
-    for value in n.values():
-        if isinstance(value, dict):
+    for key, value in n.items():
+        if key == "retention":
+            if any(e or r for e, r in value.values()):
+                return False
+        elif isinstance(value, dict):
             if any(value.values()):
                 return False
         elif value:
@@ -234,11 +257,15 @@ def _result(n: dict[str, Any], settings: Any) -> dict[str, Any]:
         "growth": {"new": n["growth_new"], "retained": n["growth_retained"],
                    "resurrected": n["growth_resurrected"], "dormant": n["growth_dormant"],
                    "quick_ratio": _quick_ratio(n["growth_new"] + n["growth_resurrected"], n["growth_dormant"])},
+        "retention": {f"d{days}": {"eligible": e, "retained": r, "rate": _quick_ratio(r, e)}
+                      for days, (e, r) in sorted(n["retention"].items())},
+        **({} if n["cohorts"] is None else {"cohorts": dict(sorted(n["cohorts"].items()))}),
     }
 
 
 def _quick_ratio(gained: int, dormant: int) -> str | None:
-    """(new + resurrected) / dormant, rounded half-even to 4 places; no value without dormant users."""
+    """(new + resurrected) / dormant (or retained / eligible), rounded half-even to 4 places; no value with a
+    zero denominator."""
     if dormant == 0:
         return None
     return str((decimal.Decimal(gained) / decimal.Decimal(dormant)).quantize(decimal.Decimal("0.0001"),
@@ -259,7 +286,7 @@ def reference_report(events: list[dict[str, Any]], settings: Any, until_ms: int,
     report: dict[tuple[str, str], dict[str, Any]] = {}
     if not accepted:
         return report
-    cal = Calendar(settings.timezone)
+    cal = get_calendar(settings.timezone)
     first = min(ev["ts"] for ev in accepted)
     for grain in GRAINS:
         if until_ms <= first:
@@ -268,7 +295,12 @@ def reference_report(events: list[dict[str, Any]], settings: Any, until_ms: int,
             if period.end_ms > until_ms:
                 continue
             prev = cal.period_at(period.start_ms - 1, grain)
-            n = period_numbers(period.start_ms, period.end_ms, accepted, settings, prev.start_ms)
+            cohorts = None
+            if grain in ("week", "month"):
+                cohorts = [period]
+                while len(cohorts) <= settings.retention.cohort_horizon:
+                    cohorts.append(cal.period_at(cohorts[-1].start_ms - 1, grain))
+            n = period_numbers(period.start_ms, period.end_ms, accepted, settings, prev.start_ms, cohorts)
             if not _is_empty(n):
                 report[(str(grain), period.label)] = _result(n, settings)
     return report

@@ -1,4 +1,4 @@
-"""CLI commands on KPIs and the period-close ledger: kpis, snapshots, scorecard, targets."""
+"""CLI commands on KPIs and the period-close ledger: kpis, snapshots, cohorts, scorecard, targets."""
 
 from __future__ import annotations
 
@@ -164,6 +164,59 @@ def snapshots_export(period: str = typer.Argument(...),
             w.writerow([period, snap["version"], snap["hash"], f"contribution:{o['owner']}", c["kpi"], "", "",
                         c["attainment"], c["multiplier"], c["status"], c["weight"], c["contribution"]])
     sys.stdout.write(buf.getvalue())
+
+
+@app.command()
+def cohorts(grain: str = typer.Option("month", help="week or month: the signup cohorts' and the columns' grain."),
+            report: Path | None = typer.Option(None, exists=True, dir_okay=False,
+                                               help="Read a backfill report (kpimon backfill --out) instead of the "
+                                                    "ledger in Redis."),
+            fmt: str = typer.Option("table", "--format", help="table, csv or json"),
+            config: Path | None = ConfigOpt) -> None:
+    """The signup-cohort table: each cohort's users active in each later week or month (closed periods)."""
+    from kpimon.agents.core import cohorts as ct
+
+    if grain not in ("week", "month"):
+        err.print("[red]--grain must be week or month[/red]")
+        raise typer.Exit(2)
+    if fmt not in ("table", "csv", "json"):
+        err.print("[red]--format must be table, csv or json[/red]")
+        raise typer.Exit(2)
+    if report is not None:
+        try:
+            data = json.loads(report.read_text())
+            periods = [(p["period"], p["metrics"]) for p in data["periods"] if p["grain"] == grain]
+        except (ValueError, KeyError, TypeError) as exc:
+            err.print(f"[red]{report}: not a backfill report ({exc})[/red]")
+            raise typer.Exit(2) from None
+    else:
+        settings = load_settings(config)
+        client, prefix = _redis(settings), _prefix(settings)
+        periods = [(p, read_versions(client, prefix, g, p)[-1]["metrics"])
+                   for g, p, v in list_periods(client, prefix, grain) if v]
+    rows = ct.cohort_table(periods, grain)
+    if fmt == "json":
+        sys.stdout.write(json.dumps(ct.as_json(rows, grain), indent=2) + "\n")
+        return
+    if fmt == "csv":
+        buf = io.StringIO()
+        csvsafe.writer(buf).writerows(ct.as_csv_rows(rows))
+        sys.stdout.write(buf.getvalue())
+        return
+    width = max((len(r.active) for r in rows), default=0)
+    table = Table(title=f"Signup cohorts by {grain}: users active in each later {grain} (share of the cohort)")
+    for col in ("cohort", "users", *(str(k) for k in range(width))):
+        table.add_column(col, justify="left" if col == "cohort" else "right")
+    for r in rows:
+        cells = []
+        for k in range(width):
+            n = r.active[k] if k < len(r.active) else None
+            share = r.rate(k)
+            cells.append("" if n is None else f"{n} ({share:.1%})" if share is not None else str(n))
+        table.add_row(r.cohort, str(r.size), *cells)
+    out.print(table)
+    if not rows:
+        err.print(f"no {grain} with signups among the closed periods")
 
 
 @app.command()

@@ -33,16 +33,26 @@ from array import array
 import msgspec
 
 from kpimon.agents.core.dedup import DedupStore
-from kpimon.agents.core.engine import PURCHASE_SHIFT, TS_SHIFT, Closed, EngineConfig, PartitionEngine, Totals
+from kpimon.agents.core.engine import (
+    LOW,
+    NEVER,
+    PURCHASE_SHIFT,
+    TS_SHIFT,
+    Closed,
+    EngineConfig,
+    PartitionEngine,
+    Totals,
+)
 from kpimon.agents.core.grains import GRAINS
 from kpimon.agents.core.metrics import PeriodMetrics
 from kpimon.errors import KpimonError
 from kpimon.streams.events import SIGNUP
 
-FORMAT = 2
-READS = (1, 2)  # format 1: pending events with their amounts (their flows not applied yet), no ``ahead``
+FORMAT = 3
+# Format 1: pending events with their amounts (their flows not applied yet), no ``ahead``.  Formats 1 and 2:
+# no signup days in the users' states (bits 43-59 zero), so no ``cohorts_since`` either.
+READS = (1, 2, 3)
 _DIGEST = 32  # SHA-256
-_LOW = (1 << PURCHASE_SHIFT) - 1
 _V1_CODE_SHIFT = 50  # format 1 pending: ts, and (code << 50) | amount
 
 
@@ -57,7 +67,8 @@ class EngineState(msgspec.Struct, array_like=True, gc=False):
     period_starts: list[int]  # the open period of each grain (by its start instant), [] before any event
     accs: list[dict]  # their numbers (PeriodMetrics.to_wire)
     # Per zone, in zone order: user ids, and their packed states split at PURCHASE_SHIFT (a packed state
-    # can exceed 64 bits, msgpack's limit): the low bits (last activity, signed up) and the purchase minute.
+    # can exceed 64 bits, msgpack's limit): the low bits (last activity, signed up, signup day) and the
+    # purchase minute.
     zones: list[tuple[list[str], list[int], list[int]]]
     lifetime: tuple[list[str], list[int]]  # lifetime net revenue of every user who ever paid or was refunded
     # Format 1 only: accepted, not applied yet, per user, as two lists: ts, and (code << 50) | amount.
@@ -68,6 +79,8 @@ class EngineState(msgspec.Struct, array_like=True, gc=False):
     # Format 2: each user's pending ints, (ts << TS_SHIFT) | code, as little-endian int64 bytes.
     pending_packed: list[tuple[str, bytes]] = []
     ahead: list[tuple[int, dict]] = []  # flows of days not open yet: (day start, numbers)
+    # Format 3: the instant from which first signups' days are recorded (PartitionEngine.cohorts_since).
+    cohorts_since: int | None = None
 
 
 class Checkpoint(msgspec.Struct, array_like=True, gc=False):
@@ -91,7 +104,7 @@ def capture(engine: PartitionEngine) -> EngineState:
         cursor=engine.cursor,
         period_starts=[p.start_ms for p in engine._periods],
         accs=[acc.to_wire() for acc in engine._accs],
-        zones=[(list(z), [v & _LOW for v in z.values()], [v >> PURCHASE_SHIFT for v in z.values()])
+        zones=[(list(z), [v & LOW for v in z.values()], [v >> PURCHASE_SHIFT for v in z.values()])
                for z in engine.zones],
         lifetime=(list(engine.lifetime), list(engine.lifetime.values())),
         pending=[],
@@ -100,6 +113,7 @@ def capture(engine: PartitionEngine) -> EngineState:
         outbox=[(GRAINS.index(c.period.grain), c.period.start_ms, c.metrics.to_wire()) for c in engine.outbox],
         pending_packed=[(uid, _packed(cur)) for uid, cur in engine.pending.items()],
         ahead=[(start, m.to_wire()) for start, m in sorted(engine.ahead.items())],
+        cohorts_since=engine.cohorts_since,
     )
 
 
@@ -132,6 +146,14 @@ def restore(cfg: EngineConfig, state: EngineState, dedup: DedupStore | None = No
     cal = cfg.calendar
     engine._periods = [cal.period_at(start, grain) for start, grain in zip(state.period_starts, GRAINS)]
     engine.derive_prev_starts()
+    # Signup days are recorded from the checkpoint's cursor on if it was written before they were (its users'
+    # days are unknown: the cohorts and N-day retentions whose signups began earlier are unknown).
+    if state.cohorts_since is not None:
+        engine.cohorts_since = state.cohorts_since
+    elif state.cursor is not None:
+        engine.cohorts_since = state.cursor
+    else:
+        engine.cohorts_since = NEVER
     # The open periods' numbers; written before growth accounting, their growth is unknown (PeriodMetrics.growth).
     engine._accs = [PeriodMetrics.from_wire(m) for m in state.accs]
     engine.zones = [dict(zip(uids, [lo | (hi << PURCHASE_SHIFT) for lo, hi in zip(low, high, strict=True)],

@@ -29,7 +29,7 @@ from heapq import heappop, heappush
 
 from kpimon.agents.core.dedup import DedupStore, MemoryDedup
 from kpimon.agents.core.effects import EFFECTS, add_flows
-from kpimon.agents.core.grains import GRAINS, Period
+from kpimon.agents.core.grains import EPOCH_ORD, GRAINS, Period
 from kpimon.agents.core.lifecycle import ACTIVE, CHURNED, DEAD, STATES, Ladder, Thresholds
 from kpimon.agents.core.metrics import ENTERED, PeriodMetrics
 from kpimon.agents.core.periods import Calendar
@@ -47,17 +47,28 @@ ACCEPTED, DUPLICATE, LATE = 0, 1, 2
 PLAIN = frozenset(code for code, eff in enumerate(EFFECTS) if not eff.signup and not eff.purchase)
 
 # A user's state is one int: bits 0-41 the last activity (epoch ms, until 2109), bit 42
-# "first signup applied", bits 43+ the minute of the last purchase + 1 (0: never).
-# Period starts are whole minutes, so a purchase minute compares exactly with them.
+# "first signup applied", bits 43-59 the local day of the first signup (days since 1970-01-01, plus 1;
+# 0: not recorded, before an upgrade), bits 60+ the minute of the last purchase + 1 (0: never).
+# Period starts are whole minutes, so a purchase minute compares exactly with them.  A user who never
+# purchased fits 60 bits (a small int object; a buyer's takes one more 30-bit digit either way).
 LAST = (1 << 42) - 1
 SIGNED = 1 << 42
-PURCHASE_SHIFT = 43
+SD_SHIFT = 43
+SD_MASK = (1 << 17) - 1
+PURCHASE_SHIFT = 60
+LOW = (1 << PURCHASE_SHIFT) - 1
 MINUTE = 60_000
+COHORT_GRAINS = (1, 2)  # indices in GRAINS: signup cohorts by ISO week and by month
 # A pending event is one int, (ts << TS_SHIFT) | code (codes below 8), so ints sort as (ts, code), and a
 # user's several pending events fit an array of 64-bit ints.  Its flows (amounts) are applied on arrival.
 TS_SHIFT = 3
 CODE_MASK = 7
 assert (LAST << TS_SHIFT) | CODE_MASK < 2**63
+
+
+def _sd_of(ordinal: int) -> int:
+    """A local day's number in a user's state (SD_SHIFT): days since 1970-01-01, plus 1."""
+    return ordinal - EPOCH_ORD + 1
 
 
 def fresh_slots(n: int) -> int:
@@ -83,12 +94,21 @@ class EngineConfig:
     dedup_horizon: int
     channel_label: Callable[[str | None], str] = lambda ch: ch or "unknown"
     fingerprint: str = ""  # of every setting that changes what the state means (see from_settings)
+    retention_days: tuple[int, ...] = (1, 7, 30)
+    cohort_horizon: int = 12
 
     @classmethod
     def from_settings(cls, settings) -> EngineConfig:
-        meaning = (settings.timezone, settings.lateness, settings.dedup_horizon, settings.lifecycle.thresholds,
-                   settings.money.decimals, settings.channels)
+        meaning: tuple = (settings.timezone, settings.lateness, settings.dedup_horizon,
+                          settings.lifecycle.thresholds, settings.money.decimals, settings.channels)
+        days = settings.retention.days
+        if days != cls.retention_days:
+            # The state holds eligible counts per N for days ahead.  (Default days add nothing, so the
+            # checkpoints of a version before retention keep their fingerprint.)
+            meaning += (days,)
         return cls(
+            retention_days=days,
+            cohort_horizon=settings.retention.cohort_horizon,
             calendar=Calendar(settings.timezone),
             thresholds=Thresholds(*settings.lifecycle.thresholds),
             lateness=settings.lateness,
@@ -166,6 +186,13 @@ class PartitionEngine:
         # Flows of accepted events dated in days after the open one, by day start: that day's accumulator
         # starts from them when it opens.
         self.ahead: dict[int, PeriodMetrics] = {}
+        # Retention and cohorts: the open day's number (as in a user's state, see SD_SHIFT), and the instant
+        # from which every first signup's day is recorded (NEVER: always; after a restore from a checkpoint
+        # written before signup days were, its cursor): a cohort or an N-day retention whose signups began
+        # earlier is unknown (PeriodMetrics.retention).
+        self._sd = 0
+        self.cohorts_since = NEVER
+        self._cohort_labels: dict[int, tuple[str, ...]] = {}  # signup day -> its cohorts' labels
 
     # ------------------------------------------------------------------ input
     def offer(self, ev: Event) -> int:
@@ -241,12 +268,21 @@ class PartitionEngine:
     # -------------------------------------------------------------- internals
     def _open_periods(self, instant: int) -> None:
         self._periods = list(self.cal.periods_at(instant))
-        self._accs = [PeriodMetrics() for _ in self._periods]
+        self._accs = [self.new_acc(g) for g in range(len(self._periods))]
         self.derive_prev_starts()
+
+    def new_acc(self, g: int = 0) -> PeriodMetrics:
+        """An empty accumulator for a period of grain ``GRAINS[g]`` (or an ``ahead`` day)."""
+        acc = PeriodMetrics()
+        acc.retention = {n: [0, 0] for n in self.cfg.retention_days}
+        if g in COHORT_GRAINS:
+            acc.cohorts = {}
+        return acc
 
     def derive_prev_starts(self) -> None:
         """The start of the period before each open one (growth accounting: active in the previous period)."""
         self._prev_starts = [self.cal.period_at(p.start_ms - 1, p.grain).start_ms for p in self._periods]
+        self._sd = _sd_of(self.cal.day_ordinal(self._periods[0].start_ms)) if self._periods else 0
 
     @property
     def dedup(self) -> dict[str, int]:
@@ -269,13 +305,40 @@ class PartitionEngine:
             acc = self._accs[0]
         else:
             start = self.cal.day_start(t)
-            acc = self.ahead.get(start)  # type: ignore[assignment]
-            if acc is None:
-                acc = self.ahead[start] = PeriodMetrics()
+            acc = self._ahead(start)
         add_flows(acc, code, amount)
         revenue = EFFECTS[code].revenue
         if revenue:
             self.lifetime[uid] = self.lifetime.get(uid, 0) + revenue * amount
+
+    def _ahead(self, start: int) -> PeriodMetrics:
+        """The accumulator of the day starting at ``start``, not open yet (made on first use)."""
+        acc = self.ahead.get(start)
+        if acc is None:
+            acc = self.ahead[start] = self.new_acc()
+        return acc
+
+    def _signed_up(self, sd: int) -> None:
+        """A first signup on the open day (``sd``): eligible for N-day retention N days later, and in its
+        cohorts at offset 0 (active in its own week and month)."""
+        ordinal = sd - 1 + EPOCH_ORD
+        periods_of_day = self.cal.periods_of_day
+        for n in self.cfg.retention_days:
+            self._ahead(periods_of_day(ordinal + n)[0].start_ms).retention[n][0] += 1  # type: ignore[index]
+        for g in COHORT_GRAINS:
+            counts = self._accs[g].cohorts
+            label = self._periods[g].label
+            counts[label] = counts.get(label, 0) + 1  # type: ignore[union-attr,index]
+
+    def _cohorts_of(self, sd: int) -> tuple[str, ...]:
+        """The labels of the cohorts (COHORT_GRAINS) of a signup day."""
+        labels = self._cohort_labels.get(sd)
+        if labels is None:
+            if len(self._cohort_labels) > 4096:
+                self._cohort_labels.clear()
+            periods = self.cal.periods_of_day(sd - 1 + EPOCH_ORD)
+            labels = self._cohort_labels[sd] = tuple(periods[g].label for g in COHORT_GRAINS)
+        return labels
 
     def _hold(self, events: list[Event]) -> None:
         """Apply what commutes now; keep the rest as per-user pending instants until the watermark passes them."""
@@ -457,6 +520,17 @@ class PartitionEngine:
                                 acc.retained += 1
                             else:
                                 acc.resurrected += 1
+                    sd = (v >> SD_SHIFT) & SD_MASK
+                    if sd:
+                        # N-day retention: active on the Nth day after the signup day.
+                        counts = day.retention.get(self._sd - sd)  # type: ignore[union-attr]
+                        if counts is not None:
+                            counts[1] += 1
+                        # Cohorts: active in this week / month for the first time.
+                        for g, label in zip(COHORT_GRAINS, self._cohorts_of(sd)):
+                            if a < periods[g].start_ms:
+                                cohorts = accs[g].cohorts
+                                cohorts[label] = cohorts.get(label, 0) + 1  # type: ignore[union-attr,index]
         # The user is in zone 0 now, with state v.  What the event does (agents/core/effects.py), but for
         # its flows, applied on arrival.
         eff = EFFECTS[code]
@@ -468,11 +542,16 @@ class PartitionEngine:
                 for g, acc in enumerate(accs):
                     if lp < periods[g].start_ms:
                         acc.paying_users += 1
-            z0[uid] = (v & (SIGNED | LAST)) | ((t // MINUTE + 1) << PURCHASE_SHIFT)
+            z0[uid] = (v & LOW) | ((t // MINUTE + 1) << PURCHASE_SHIFT)
         elif eff.signup and signup is not None:
             if not v & SIGNED:
                 first_signup = True
-                z0[uid] = v | SIGNED
+                sd = self._sd
+                if 0 < sd <= SD_MASK:
+                    z0[uid] = v | SIGNED | (sd << SD_SHIFT)
+                    self._signed_up(sd)
+                else:
+                    z0[uid] = v | SIGNED  # a day outside 1970-2328: not in cohorts nor retention
                 day.new_users += 1
                 ch = self.cfg.channel_label(signup[2])
                 day.new_users_by_channel[ch] = day.new_users_by_channel.get(ch, 0) + 1
@@ -591,14 +670,39 @@ class PartitionEngine:
         for g, (period, acc) in enumerate(zip(periods, accs)):
             if period.end_ms == boundary:
                 acc.population = list(pop)
+                self._final_cohorts(g, period, acc)
                 self.outbox.append(Closed(period, acc))
                 periods[g] = self.cal.period_at(boundary, GRAINS[g])
                 prev_starts[g] = period.start_ms
-                nxt = accs[g] = PeriodMetrics()
+                nxt = accs[g] = self.new_acc(g)
                 if g == 0:
                     # The new day starts with the flows that arrived for it before it opened.
                     nxt = accs[0] = self.ahead.pop(periods[0].start_ms, nxt)
+                    self._sd = _sd_of(self.cal.day_ordinal(periods[0].start_ms))
                 nxt.prev_active = acc.active_users
+
+    def _final_cohorts(self, g: int, period: Period, acc: PeriodMetrics) -> None:
+        """A closing period's retention and cohorts as they are final: the N-day retentions and the cohorts
+        whose signups were all recorded (``cohorts_since``), a cohort count for each of the ``cohort_horizon``
+        + 1 latest cohorts (0 included)."""
+        since = self.cohorts_since
+        cal = self.cal
+        if acc.retention is not None and since != NEVER:
+            first = cal.day_ordinal(period.start_ms)  # eligible users signed up from day first - N on
+            acc.retention = {n: v for n, v in acc.retention.items()
+                             if cal.periods_of_day(first - n)[0].start_ms >= since}
+        if g not in COHORT_GRAINS:
+            acc.cohorts = None
+            return
+        counts = acc.cohorts or {}
+        known = {}
+        cohort = period
+        for _ in range(self.cfg.cohort_horizon + 1):
+            if cohort.start_ms < since:
+                break
+            known[cohort.label] = counts.get(cohort.label, 0)
+            cohort = cal.period_at(cohort.start_ms - 1, cohort.grain)
+        acc.cohorts = known
 
     # ---------------------------------------------------------------- queries
     def open_metrics(self) -> list[tuple[Period, PeriodMetrics]]:

@@ -10,6 +10,7 @@ the exact look-up of a metric path in a metrics dict (:func:`lookup`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = [
     "MONEY_METRICS",
     "NESTED_METRICS",
     "RESERVED_CHANNELS",
+    "RETENTION_KEYS",
     "SCALAR_METRICS",
     "is_additive",
     "lookup",
@@ -53,19 +55,25 @@ ADDITIVE_METRICS: frozenset[str] = frozenset({
 #: Money amounts (decimal strings in the metrics dict).
 MONEY_METRICS: frozenset[str] = frozenset({"revenue", "refunds"})
 RESERVED_CHANNELS = ("other", "unknown")
+#: N-day retention: ``retention.d<N>.<key>`` for the N of the settings' ``retention.days``; the counts add up.
+RETENTION_KEYS = ("eligible", "retained", "rate")
+_RETENTION = re.compile(r"d([1-9][0-9]{0,2})\.([a-z]+)")
 
 
 def _metric_list() -> str:
     nested = [f"{g}.<{'|'.join(keys)}>" for g, keys in NESTED_METRICS.items()]
+    nested.append(f"retention.d<N>.<{'|'.join(RETENTION_KEYS)}>")
     split = [f"{v}.<channel>" for v in CHANNEL_SPLIT.values()]
     return ", ".join([*SCALAR_METRICS, *nested, *split])
 
 
-def metric_name_problem(name: str, channels: Sequence[str] | None = None, *, allow_prev: bool = True) -> str | None:
+def metric_name_problem(name: str, channels: Sequence[str] | None = None, *, allow_prev: bool = True,
+                        retention_days: Sequence[int] | None = None) -> str | None:
     """``None`` if ``name`` is a known metric path (optionally ``prev.``-prefixed), else the fault.
 
     ``channels``: the allowed channel labels (``Settings.channels``); ``other`` and
-    ``unknown`` are always allowed.  ``None`` accepts any channel label.
+    ``unknown`` are always allowed.  ``None`` accepts any channel label.  ``retention_days``: the N of
+    ``retention.d<N>`` (``Settings.retention.days``); ``None`` accepts any.
     """
     path = name
     if path.startswith(PREV):
@@ -77,6 +85,14 @@ def metric_name_problem(name: str, channels: Sequence[str] | None = None, *, all
     if path in SCALAR_METRICS:
         return None
     group, _, key = path.partition(".")
+    if group == "retention":
+        m = _RETENTION.fullmatch(key)
+        if m is None or m.group(2) not in RETENTION_KEYS:
+            return f"unknown metric {name!r}: write retention.d<N>.<{'|'.join(RETENTION_KEYS)}>"
+        if retention_days is not None and int(m.group(1)) not in retention_days:
+            return (f"{name!r}: {m.group(1)}-day retention is not computed (retention.days in the settings: "
+                    f"{', '.join(map(str, retention_days))})")
+        return None
     if group in NESTED_METRICS and key:
         if key in NESTED_METRICS[group]:
             return None
@@ -93,7 +109,9 @@ def metric_name_problem(name: str, channels: Sequence[str] | None = None, *, all
 def is_additive(name: str) -> bool:
     if name.startswith(PREV):
         return False
-    return name in ADDITIVE_METRICS or name.split(".", 1)[0] in CHANNEL_SPLIT.values()
+    group = name.split(".", 1)[0]
+    return name in ADDITIVE_METRICS or group in CHANNEL_SPLIT.values() or (
+        group == "retention" and not name.endswith(".rate"))
 
 
 def lookup(metrics: Mapping[str, Any], path: str) -> Fraction | None:
@@ -106,6 +124,10 @@ def lookup(metrics: Mapping[str, Any], path: str) -> Fraction | None:
     group, _, key = path.partition(".")
     if key and group in CHANNEL_SPLIT.values():
         value = metrics.get(group, {}).get(key, 0)
+    elif group == "retention":
+        n, _, field = key.partition(".")
+        counts = metrics.get(group, {}).get(n)  # absent: not known in this period (an upgrade), no value
+        value = None if counts is None else counts[field]
     else:
         try:
             value = metrics[group]

@@ -33,14 +33,21 @@ DISTINCT = ("active_users", "paying_users")
 # when it closes).  Dormant = prev_active - retained.  Numbers written by earlier versions
 # lack them (``growth`` False: the period's growth is unknown, never zero).
 GROWTH = ("first_active", "retained", "resurrected", "prev_active")
-QUICK_RATIO_DECIMALS = 4
+RATIO_DECIMALS = QUICK_RATIO_DECIMALS = 4
+# N-day retention (``retention``: N -> [eligible, retained], additive over days) and the signup-cohort counts
+# of a week or month (``cohorts``: cohort label -> its users active in the period).  The keys present are
+# the known ones: one a partition cannot know (its users' signup days were not recorded before an upgrade)
+# is absent, and a sum or merge keeps the keys every part knows.  ``None`` is the neutral element: no
+# numbers of this kind here (a bare accumulator, a grain without cohorts).  Numbers written before they
+# existed have none known.
 ENTERED = ("entered_silent", "entered_sleeping", "entered_churned", "entered_dead")  # index = state - 1
 
 
 class PeriodMetrics:
     """Accumulator of one period.  Plain attributes: the engine bumps them inline."""
 
-    __slots__ = (*ADDITIVE, *DISTINCT, *GROWTH, "growth", "population", "new_users_by_channel")
+    __slots__ = (*ADDITIVE, *DISTINCT, *GROWTH, "growth", "population", "new_users_by_channel", "retention",
+                 "cohorts")
 
     # Declarations only (no class values, so no clash with __slots__): the counters are set
     # by name in __init__ from ADDITIVE / DISTINCT, which a type checker cannot follow.
@@ -69,6 +76,8 @@ class PeriodMetrics:
         self.growth = True  # the growth counts cover the whole period
         self.population: list[int] = [0] * len(STATES)
         self.new_users_by_channel: dict[str, int] = {}
+        self.retention: dict[int, list[int]] | None = None
+        self.cohorts: dict[str, int] | None = None
 
     def add_additive(self, other: PeriodMetrics) -> None:
         """Roll a finer period (a closed day) into this coarser one."""
@@ -76,6 +85,7 @@ class PeriodMetrics:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for ch, n in other.new_users_by_channel.items():
             self.new_users_by_channel[ch] = self.new_users_by_channel.get(ch, 0) + n
+        self.retention = _sum_retention(self.retention, other.retention)
 
     def merge(self, other: PeriodMetrics) -> PeriodMetrics:
         """Sum of two partitions' numbers for the same period (users are partitioned)."""
@@ -88,6 +98,8 @@ class PeriodMetrics:
         for ch, n in other.new_users_by_channel.items():
             chans[ch] = chans.get(ch, 0) + n
         out.new_users_by_channel = chans
+        out.retention = _sum_retention(self.retention, other.retention)
+        out.cohorts = _sum_known(self.cohorts, other.cohorts)
         return out
 
     def combined(self, other: PeriodMetrics) -> PeriodMetrics:
@@ -100,6 +112,8 @@ class PeriodMetrics:
         out.growth = self.growth
         out.population = list(self.population)
         out.new_users_by_channel = dict(self.new_users_by_channel)
+        out.retention = _sum_retention(self.retention, other.retention)
+        out.cohorts = None if self.cohorts is None else dict(self.cohorts)
         return out
 
     # -- wire form (partials between worker and aggregator, state snapshots) --
@@ -110,6 +124,9 @@ class PeriodMetrics:
                 data[name] = getattr(self, name)
         data["population"] = list(self.population)
         data["new_users_by_channel"] = dict(sorted(self.new_users_by_channel.items()))
+        data["retention"] = None if self.retention is None else {
+            str(n): list(v) for n, v in sorted(self.retention.items())}
+        data["cohorts"] = None if self.cohorts is None else dict(sorted(self.cohorts.items()))
         return data
 
     @classmethod
@@ -123,11 +140,18 @@ class PeriodMetrics:
                 setattr(out, name, int(data[name]))
         out.population = [int(x) for x in data["population"]]
         out.new_users_by_channel = {str(k): int(v) for k, v in data["new_users_by_channel"].items()}
+        # Absent: written before retention and cohorts, none known; null: none of them here (neutral).
+        ret = data.get("retention", {})
+        out.retention = None if ret is None else {int(n): [int(v[0]), int(v[1])] for n, v in ret.items()}
+        coh = data.get("cohorts", {})
+        out.cohorts = None if coh is None else {str(k): int(v) for k, v in coh.items()}
         return out
 
     def is_empty(self) -> bool:
         """No event, no entry and no user at all: a period before any data."""
-        return not any(getattr(self, n) for n in (*ADDITIVE, *DISTINCT, *GROWTH)) and not any(self.population)
+        return (not any(getattr(self, n) for n in (*ADDITIVE, *DISTINCT, *GROWTH)) and not any(self.population)
+                and not any(e or r for e, r in (self.retention or {}).values())
+                and not any((self.cohorts or {}).values()))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PeriodMetrics) and self.to_wire() == other.to_wire()
@@ -158,7 +182,14 @@ class PeriodMetrics:
             "population": dict(zip(STATES, self.population)),
             "new_users_by_channel": dict(sorted(self.new_users_by_channel.items())),
             "growth": self.growth_result(),
+            "retention": self.retention_result(),
+            **({} if self.cohorts is None else {"cohorts": dict(sorted(self.cohorts.items()))}),
         }
+
+    def retention_result(self) -> dict[str, dict[str, Any]]:
+        """``dN`` -> eligible, retained and their ratio, for every N known in this period (docs/metrics.md)."""
+        return {f"d{n}": {"eligible": e, "retained": r, "rate": ratio(r, e)}
+                for n, (e, r) in sorted((self.retention or {}).items())}
 
     def growth_result(self) -> dict[str, Any]:
         """Growth accounting (docs/metrics.md); every value ``None`` if the period's growth is unknown."""
@@ -172,12 +203,35 @@ class PeriodMetrics:
 GROWTH_KEYS = ("new", "retained", "resurrected", "dormant", "quick_ratio")
 
 
+def ratio(num: int, den: int) -> str | None:
+    """``num / den`` as a decimal string rounded half-even to 4 places; ``None`` if ``den`` is 0."""
+    if not den:
+        return None
+    q = Decimal(num) / Decimal(den)
+    return str(q.quantize(Decimal(1).scaleb(-RATIO_DECIMALS), rounding=ROUND_HALF_EVEN))
+
+
 def quick_ratio(gained: int, dormant: int) -> str | None:
     """``gained / dormant`` as a decimal string rounded half-even to 4 places; ``None`` if nobody went dormant."""
-    if not dormant:
-        return None
-    q = Decimal(gained) / Decimal(dormant)
-    return str(q.quantize(Decimal(1).scaleb(-QUICK_RATIO_DECIMALS), rounding=ROUND_HALF_EVEN))
+    return ratio(gained, dormant)
+
+
+def _sum_known(a: dict[Any, int] | None, b: dict[Any, int] | None) -> dict[Any, int] | None:
+    """Sum of two known-keys count maps: the keys both know (``None`` is neutral)."""
+    if a is None:
+        return None if b is None else dict(b)
+    if b is None:
+        return dict(a)
+    return {k: v + b[k] for k, v in a.items() if k in b}
+
+
+def _sum_retention(a: dict[int, list[int]] | None, b: dict[int, list[int]] | None) -> dict[int, list[int]] | None:
+    """Sum of two retention maps (N -> [eligible, retained]): the Ns both know (``None`` is neutral)."""
+    if a is None:
+        return None if b is None else {n: list(v) for n, v in b.items()}
+    if b is None:
+        return {n: list(v) for n, v in a.items()}
+    return {n: [v[0] + b[n][0], v[1] + b[n][1]] for n, v in a.items() if n in b}
 
 
 def merge_all(items: list[PeriodMetrics]) -> PeriodMetrics:

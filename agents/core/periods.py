@@ -181,6 +181,14 @@ class Calendar:
                 return out
             p = self._lookup(p.end_ms).by_grain[grain]
 
+    def day_ordinal(self, ts_ms: int) -> int:
+        """The proleptic Gregorian ordinal (``date.toordinal``) of the local day containing ``ts_ms``."""
+        return self._lookup(ts_ms).ordinal
+
+    def periods_of_day(self, ordinal: int) -> tuple[Period, ...]:
+        """The periods (GRAINS order) of the local date ``ordinal``; leaves the hot path's caches alone."""
+        return self._day(ordinal).periods
+
     def parse(self, grain: Grain | str, label: str) -> Period:
         """Inverse of the labels: the period of ``grain`` called ``label``."""
         grain = coerce_grain(grain)

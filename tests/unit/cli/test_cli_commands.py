@@ -400,6 +400,8 @@ class Seeded(str):
 
 
 REVENUE = {"2024-01": 100_000_00, "2024-02": 110_000_00, "2024-03": 120_000_00}  # minor units
+COHORTS = {"2024-01": {"2023-12": 0, "2024-01": 10}, "2024-02": {"2024-01": 4, "2024-02": 8},
+           "2024-03": {"2024-01": 2, "2024-02": 3, "2024-03": 6}}  # signup cohort -> its users active
 
 
 @pytest.fixture
@@ -415,6 +417,7 @@ def ledger_config(redis_server, tmp_path, request) -> Seeded:
     for label, start, end in MONTHS:
         m = PeriodMetrics()
         m.orders, m.revenue, m.active_users = 3, REVENUE[label], 2
+        m.cohorts = COHORTS[label]
         tx = book.on_closed("month", label, start, end, m)
         book.commit(tx)
         snaps += [(s, start) for s in tx.snapshots if s["grain"] == "month"]
@@ -442,6 +445,39 @@ def ledger_config(redis_server, tmp_path, request) -> Seeded:
     seeded = Seeded(cfg)
     seeded.snapshots = {s["period"] + f"/v{s['version']}": s for s, _ in snaps}
     return seeded
+
+
+def test_cohorts_reads_the_ledger(ledger_config):
+    result = invoke(["cohorts", "--grain", "month", "--format", "json", "--config", str(ledger_config)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"grain": "month", "cohorts": [
+        {"cohort": "2024-01", "size": 10, "active": [10, 4, 2]},
+        {"cohort": "2024-02", "size": 8, "active": [8, 3]},
+        {"cohort": "2024-03", "size": 6, "active": [6]}]}  # 2023-12: no signups, no row
+    result = invoke(["cohorts", "--config", str(ledger_config)])  # month and table by default
+    assert result.exit_code == 0, result.output
+    assert "4(40.0%)" in flat(result.stdout) and "3(37.5%)" in flat(result.stdout)
+    result = invoke(["cohorts", "--grain", "month", "--format", "csv", "--config", str(ledger_config)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[:3] == ['"cohort","size","offset","active"', '"2024-01","10","0","10"',
+                                              '"2024-01","10","1","4"']
+
+
+def test_cohorts_reads_a_backfill_report_and_refuses_bad_input(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"periods": [
+        {"grain": "week", "period": "2024-W01", "metrics": {"cohorts": {"2024-W01": 5}}},
+        {"grain": "week", "period": "2024-W03", "metrics": {"cohorts": {"2024-W01": 1, "2024-W03": 0}}},
+        {"grain": "month", "period": "2024-01", "metrics": {"cohorts": {"2024-01": 9}}}]}))
+    result = invoke(["cohorts", "--grain", "week", "--report", str(report), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    # week 2 not closed (or not in the report): no value at offset 1, never a 0
+    assert json.loads(result.stdout)["cohorts"] == [{"cohort": "2024-W01", "size": 5, "active": [5, None, 1]}]
+    assert invoke(["cohorts", "--grain", "day", "--report", str(report)]).exit_code == 2
+    assert invoke(["cohorts", "--report", str(report), "--format", "xml"]).exit_code == 2
+    report.write_text("[]")
+    result = invoke(["cohorts", "--report", str(report)])
+    assert result.exit_code == 2 and "notabackfillreport" in flat(result.output)
 
 
 def test_snapshots_list_shows_every_closed_period(ledger_config):

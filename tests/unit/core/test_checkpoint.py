@@ -138,27 +138,43 @@ def test_a_format_1_checkpoint_from_the_previous_release_still_loads() -> None:
     assert [acc.growth for acc in restored._accs] == [False] * len(GRAINS)
     assert all(acc.growth for acc in restored.ahead.values())  # days not open yet: only flows, complete
     assert _growth_free(engine_state(restored)) == _growth_free(engine_state(engine))
+    # Nor signup days: cohorts and N-day retentions are known for signups after its cursor only.
+    since = restored.cohorts_since
+    assert since == cp.engine.cursor and all(acc.retention == {} for acc in restored._accs)
     open_then = {(str(p.grain), p.label) for p in restored._periods}
     for eng in (engine, restored):
         eng.advance(marker=T0 + 12 * DAY)
     closed = closed_state(engine.take_outbox())
     got = closed_state(restored.take_outbox())
     assert len(closed) > 10 and [c[:2] for c in got] == [c[:2] for c in closed]
+    cal = engine.cal
+    known_retention = 0
     for (grain, label, want), (_, _, have) in zip(closed, got, strict=True):
         if (grain, label) in open_then:
-            assert not PeriodMetrics.from_wire(have).growth and have == _without_growth(want)
+            assert not PeriodMetrics.from_wire(have).growth and _without_new(have) == _without_new(want)
         else:  # opened after the load: complete, growth included
-            assert have == want and PeriodMetrics.from_wire(have).growth
-    # Written again, it is format 2 and round-trips.
+            assert _without_new(have) == _without_new(want) and PeriodMetrics.from_wire(have).growth
+        h, w = PeriodMetrics.from_wire(have), PeriodMetrics.from_wire(want)
+        first = cal.day_ordinal(cal.parse(grain, label).start_ms)
+        assert w.retention is not None and h.retention == {
+            n: v for n, v in w.retention.items() if cal.periods_of_day(first - n)[0].start_ms >= since}
+        known_retention += len(h.retention)
+        if w.cohorts is None:
+            assert h.cohorts is None
+        else:
+            assert h.cohorts == {c: v for c, v in w.cohorts.items() if cal.parse(grain, c).start_ms >= since}
+    assert known_retention  # the days from the second after the load on know their 1-day retention
+    # Written again, it is format 3 and round-trips.
     again = checkpoint.take(restored, 0, 99)
-    assert checkpoint.decode(again).format == checkpoint.FORMAT == 2
+    assert checkpoint.decode(again).format == checkpoint.FORMAT == 3
     assert engine_state(checkpoint.load(engine.cfg, again, 0, dedup=engine.dedup_store)[1]) == engine_state(restored)
 
 
-def _without_growth(wire: dict) -> dict:
-    return {k: v for k, v in wire.items() if k not in GROWTH}
+def _without_new(wire: dict) -> dict:
+    """A period's numbers without those a format-1 checkpoint cannot have: growth, retention and cohorts."""
+    return {k: v for k, v in wire.items() if k not in (*GROWTH, "retention", "cohorts")}
 
 
 def _growth_free(state: dict) -> dict:
-    """An engine_state() without the growth counts of its open periods."""
-    return {**state, "open": [(g, label, _without_growth(m)) for g, label, m in state["open"]]}
+    """An engine_state() without the growth, retention and cohort counts of its open periods."""
+    return {**state, "open": [(g, label, _without_new(m)) for g, label, m in state["open"]]}

@@ -480,6 +480,70 @@ CASES.append(Case(
     },
 ))
 
+# N-day retention and signup cohorts
+
+
+def ret(eligible: int, retained: int, rate: str | None) -> dict[str, Any]:
+    return {"eligible": eligible, "retained": retained, "rate": rate}
+
+
+ev = events_factory()
+CASES.append(Case(
+    # u1 signs up Mon Jan 1: its day 1 is Jan 2 (active: retained), its day 7 Jan 8, with activity on Jan 7 and
+    # Jan 9 only (day N-1 and N+1: not retained).  u2 signs up at 23:59 on Jan 24 and again on Jan 25 (the first
+    # signup counts): day 1 is Jan 25 (active: the second signup), day 7 is Jan 31, the last day of January,
+    # active at its last millisecond.  u3 signs up at the first instant of Jan 25 and is never seen again: day 7
+    # is Feb 1.  Cohorts (horizon 2): the users of each signup week / month active in each later one.
+    id="retention-and-cohorts",
+    settings={"retention": {"days": [1, 7], "cohort_horizon": 2}},
+    events=[ev("u1", "signup", "2024-01-01T10:00:00Z", channel="organic"), ev("u1", "login", "2024-01-02T10:00:00Z"),
+            ev("u1", "login", "2024-01-07T10:00:00Z"), ev("u1", "login", "2024-01-09T10:00:00Z"),
+            ev("u2", "signup", "2024-01-24T23:59:00Z"), ev("u3", "signup", "2024-01-25T00:00:00Z"),
+            ev("u2", "signup", "2024-01-25T10:00:00Z"), ev("u2", "login", "2024-01-31T23:59:59.999Z"),
+            ev("u1", "login", "2024-02-10T10:00:00Z")],
+    until=ms("2024-03-01T00:00:00Z"),
+    expect={
+        ("day", "2024-01-02"): {"retention": {"d1": ret(1, 1, "1.0000"), "d7": ret(0, 0, None)}},  # no value
+        ("day", "2024-01-08"): {"retention": {"d1": ret(0, 0, None), "d7": ret(1, 0, "0.0000")}},
+        ("day", "2024-01-25"): {"retention": {"d1": ret(1, 1, "1.0000"), "d7": ret(0, 0, None)}},
+        ("day", "2024-01-26"): {"retention": {"d1": ret(1, 0, "0.0000"), "d7": ret(0, 0, None)}},
+        ("day", "2024-01-31"): {"retention": {"d1": ret(0, 0, None), "d7": ret(1, 1, "1.0000")}},
+        ("week", "2024-W01"): {"retention": {"d1": ret(1, 1, "1.0000"), "d7": ret(0, 0, None)},
+                               "cohorts": {"2023-W51": 0, "2023-W52": 0, "2024-W01": 1}},
+        ("week", "2024-W02"): {"cohorts": {"2023-W52": 0, "2024-W01": 1, "2024-W02": 0}},
+        ("week", "2024-W04"): {"cohorts": {"2024-W02": 0, "2024-W03": 0, "2024-W04": 2}},
+        ("week", "2024-W05"): {"retention": {"d1": ret(0, 0, None), "d7": ret(2, 1, "0.5000")},
+                               "cohorts": {"2024-W03": 0, "2024-W04": 1, "2024-W05": 0}},
+        ("week", "2024-W06"): {"cohorts": {"2024-W04": 0, "2024-W05": 0, "2024-W06": 0}},  # u1: beyond the horizon
+        ("month", "2024-01"): {"retention": {"d1": ret(3, 2, "0.6667"), "d7": ret(2, 1, "0.5000")},
+                               "cohorts": {"2023-11": 0, "2023-12": 0, "2024-01": 3}, "new_users": 3},
+        ("month", "2024-02"): {"retention": {"d1": ret(0, 0, None), "d7": ret(1, 0, "0.0000")},
+                               "cohorts": {"2023-12": 0, "2024-01": 1, "2024-02": 0}},
+    },
+))
+
+ev = events_factory()
+CASES.append(Case(
+    # Calendar days in New York across the DST change (Mar 10 2024 has 23 hours).  u1 signs up at 23:59 local on
+    # Mar 9 and is active at 23:30 local on Mar 10 (after the change): retained on day 1.  u2 signs up at 00:00
+    # local Mar 10 and is active at 23:59:59 local the same day only: not retained.  u3 signs up at 23:30 local on
+    # Feb 29 (Mar 1 in UTC): its cohort is February, active in March.
+    id="retention-and-cohorts-local-days-across-dst",
+    settings={"timezone": "America/New_York", "retention": {"days": [1], "cohort_horizon": 2}},
+    events=[ev("u3", "signup", "2024-03-01T04:30:00Z"), ev("u3", "login", "2024-03-05T15:00:00Z"),
+            ev("u1", "signup", "2024-03-10T04:59:00Z"), ev("u2", "signup", "2024-03-10T05:00:00Z"),
+            ev("u1", "login", "2024-03-11T03:30:00Z"), ev("u2", "login", "2024-03-11T03:59:59Z")],
+    until=ms("2024-04-01T04:00:00Z"),
+    expect={
+        ("day", "2024-03-01"): {"retention": {"d1": ret(1, 0, "0.0000")}},
+        ("day", "2024-03-10"): {"retention": {"d1": ret(1, 1, "1.0000")}},
+        ("day", "2024-03-11"): {"retention": {"d1": ret(1, 0, "0.0000")}},
+        ("month", "2024-02"): {"cohorts": {"2023-12": 0, "2024-01": 0, "2024-02": 1}, "new_users": 1},
+        ("month", "2024-03"): {"retention": {"d1": ret(3, 1, "0.3333")},
+                               "cohorts": {"2024-01": 0, "2024-02": 1, "2024-03": 2}},
+    },
+))
+
 PARAMS = [pytest.param(case, impl, id=f"{case.id}|{impl}") for case in CASES for impl in _impls(case)]
 
 
