@@ -233,7 +233,10 @@ def lifecycle_aarrr() -> dashboard.Dashboard:
         "Grain of the open period shown by kpimon_period_value"))
         .with_variable(custom_variable(
             "warning_state", "Churn warning state", ["silent", "sleeping", "churned"], "sleeping",
-            "lifecycle.warning_state of the worker's configuration: entering it is a churn warning")))
+            "lifecycle.warning_state of the worker's configuration: entering it is a churn warning"))
+        .with_variable(custom_variable(
+            "cohort_grain", "Signup cohorts by", ["week", "month"], "month",
+            "Grain of the signup cohorts and of the later periods they are followed in")))
     lay = Layout(dash)
     warnings = 'sum(increase(kpimon_lifecycle_transitions_total{to="$warning_state"}[1h]))'
 
@@ -324,6 +327,34 @@ def lifecycle_aarrr() -> dashboard.Dashboard:
                        decimals=2, steps=((None, "red"), (1, "green")),
                        description="(new + resurrected) / dormant of the open $grain: above 1 the active base "
                                    "grows. No value while nobody is dormant."), 8)
+
+    lay.row("Retention")
+
+    def by_n(kind: str) -> str:  # one series per N of the settings' retention.days, labelled n="d<N>"
+        return f'sum by (n) (kpimon_period_retention_users{{grain="$grain", kind="{kind}"}})'
+    lay.add(ts_panel("N-day retention so far (open $grain)", query(f'{by_n("retained")} / ({by_n("eligible")} > 0)',
+                                                                   "{{n}}"),
+                     unit="percentunit",
+                     description="Of the users whose signup day + N falls in the open $grain so far, the share "
+                                 "active on that day (retention.d<N>; N from retention.days). No value while nobody "
+                                 "is eligible. Final numbers: the period report."), 8)
+    cohorts = 'max by (cohort, offset) (kpimon_cohort_active_users{grain="$cohort_grain"})'
+    for title, expr, unit, what in (
+            ("Signup cohorts: active users", cohorts, "short", "users"),
+            ("Signup cohorts: share active",
+             f'{cohorts} / ignoring(offset) group_left() max by (cohort) '
+             '(kpimon_cohort_active_users{grain="$cohort_grain", offset=~"0+"})', "percentunit", "share")):
+        lay.add(table.Panel().title(f"{title} by $cohort_grain").datasource(DS).unit(unit)
+                .with_target(query(expr, ref="A", instant=True, table_format=True))
+                .with_transformation(dm.DataTransformerConfig(id_val="groupingToMatrix", options={
+                    "columnField": "offset", "rowField": "cohort", "valueField": "Value", "emptyValue": "null"}))
+                .cell_options(cm.TableColoredBackgroundCellOptions(
+                    mode=cm.TableCellBackgroundDisplayMode.GRADIENT))
+                .color_scheme(dashboard.FieldColor().mode(dm.FieldColorModeId.CONTINUOUS_BL_PU))
+                .description(f"The triangle: one row per signup cohort (a $cohort_grain), its {what} active in "
+                             "each later $cohort_grain (column: how many after the cohort's own; 0 is the "
+                             "cohort's size). Latest closed periods, retention.cohort_horizon deep. kpimon "
+                             "cohorts prints the whole table."), 8)
     return dash
 
 

@@ -101,7 +101,9 @@ class StateCollector(Collector):
         yield _summed("kpimon_active_users", "Distinct users active within the rolling window", "window",
                       WINDOW_NAMES, [e.active_in_windows() for e in engines])
 
-        yield self._period_values(engines)
+        values, retention = self._period_values(engines)
+        yield values
+        yield retention
 
         wm = GaugeMetricFamily("kpimon_watermark_timestamp_seconds",
                                "Lowest event-time watermark of this worker's partitions", labels=[])
@@ -109,10 +111,13 @@ class StateCollector(Collector):
             wm.add_metric([], min(e.wm for e in engines) / 1000)
         yield wm
 
-    def _period_values(self, engines: list[PartitionEngine]) -> GaugeMetricFamily:
+    def _period_values(self, engines: list[PartitionEngine]) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
         fam = GaugeMetricFamily("kpimon_period_value",
                                 "Value so far of the open calendar period of each grain (money in currency units)",
                                 labels=["metric", "grain"])
+        ret = GaugeMetricFamily("kpimon_period_retention_users",
+                                "N-day retention of the open period so far: users eligible (signup day + N in the "
+                                "period) and retained (active on that day)", labels=["grain", "n", "kind"])
         # The open period of a grain is the latest one among this worker's partitions, merged over them.
         latest: dict[str, tuple[int, PeriodMetrics]] = {}
         for e in engines:
@@ -132,7 +137,11 @@ class StateCollector(Collector):
                 growth = m.growth_result()
                 for key in GROWTH_GAUGES:
                     fam.add_metric([f"growth_{key}", str(grain)], growth[key])
-        return fam
+            # For the N every partition knows (PeriodMetrics.retention); N from the settings' retention.days.
+            for n, (eligible, retained) in sorted((m.retention or {}).items()):
+                ret.add_metric([str(grain), f"d{n}", "eligible"], eligible)
+                ret.add_metric([str(grain), f"d{n}", "retained"], retained)
+        return fam, ret
 
 
 def _summed(name: str, doc: str, label: str, values: tuple[str, ...], rows: list[list[int]]) -> GaugeMetricFamily:

@@ -35,6 +35,7 @@ from kpimon.agents.core.ledger import Book, canonical
 from kpimon.agents.core.metrics import PeriodMetrics
 from kpimon.agents.core.periods import Calendar
 from kpimon.agents.core.step import close_step
+from kpimon.agents.metrics.cohorts import CohortCollector
 from kpimon.agents.metrics.exporter import KpimonMetrics, StateCollector, new_registry
 from kpimon.agents.metrics.live_kpis import KpiCollector, LiveKpis
 from kpimon.agents.serving.snapshots import SnapshotStore
@@ -272,6 +273,8 @@ def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spe
     app.kpimon_live = live
     # Only the worker that runs the aggregation (it has seen progress) exports KPI gauges.
     registry.register(KpiCollector(lambda: live if aggregator.has_live() else None))
+    registry.register(CohortCollector(book, aggregator, Calendar(settings.timezone), settings.retention.cohort_horizon,
+                                      aggregator.has_live))
     app.kpimon_snapshots_topic = snapshots_topic
 
     async def publish(topic, key: str, value: bytes) -> None:

@@ -1,7 +1,7 @@
 """docs/metrics.md's worked example, run through the worker's code path: its table must be what kpimon reports.
 
-Rows whose cells are plain numbers or money strings are compared, and so are the growth rows; the composite
-cells (channel splits, ``n (c/d)``, ``a/s/s/c/d``) are checked field by field below.
+Rows whose cells are plain numbers or money strings are compared, and so are the growth, retention and cohort
+rows; the composite cells (channel splits, ``n (c/d)``, ``a/s/s/c/d``) are checked field by field below.
 """
 
 from __future__ import annotations
@@ -57,10 +57,37 @@ def test_the_worked_example_is_what_kpimon_reports() -> None:
         elif key.startswith("growth."):
             assert [_cell(m["growth"][key.split(".", 1)[1]]) for m in months] == cells, name
             checked += 1
-    assert checked >= 14, f"only {checked} rows compared: did the table's format change?"
+        elif key.startswith("retention."):
+            _, n, field = key.split(".")
+            assert [_cell(m["retention"][n][field]) for m in months] == cells, name
+            checked += 1
+        elif key.startswith("cohorts."):
+            assert [_cell(m["cohorts"].get(key.split(".", 1)[1])) for m in months] == cells, name
+            checked += 1
+    assert checked >= 22, f"only {checked} rows compared: did the table's format change?"
     assert [f"{m['won_back']} ({m['won_back_by_depth']['churned']}/{m['won_back_by_depth']['dead']})"
             for m in months] == table["won_back (churned / dead)"]
     pops = ["/".join(str(v) for v in m["population"].values()) for m in months]
     assert pops == table["population active/silent/sleeping/churned/dead"]
     assert json.dumps(months[0]["new_users_by_channel"]) == '{"paid_search": 1, "referral": 1}'
     assert report.totals["accepted"] == 8 and report.totals["rejected"] == 1 and report.totals["duplicates"] == 1
+
+
+def test_the_cohort_table_example_in_operations_md_is_what_kpimon_cohorts_prints(tmp_path) -> None:
+    """docs/operations.md's `kpimon cohorts --report` example, on the worked example's report."""
+    from tests.cli_support import invoke
+
+    block = re.search(r"```jsonl\n(.*?)```", _section(), re.S)
+    assert block is not None
+    lines = [line.encode() for line in block.group(1).splitlines() if line.strip()]
+    s = settings_factory(lifecycle={"silent_after": "7d", "sleeping_after": "14d", "churned_after": "30d",
+                                    "dead_after": "90d", "warning_state": "sleeping"})
+    report = run_pipeline(lines, s, 1, ms("2024-04-01T00:00:00Z"))
+    (tmp_path / "report.json").write_text(json.dumps({"periods": [
+        {"grain": grain, "period": label, "metrics": metrics} for (grain, label), metrics in report.items()]}))
+    ops = (DOC.parent / "operations.md").read_text()
+    example = re.search(r"\$ kpimon cohorts --grain month --report report.json --format csv\n(.*?)```", ops, re.S)
+    assert example is not None
+    result = invoke(["cohorts", "--grain", "month", "--report", str(tmp_path / "report.json"), "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == example.group(1).splitlines()

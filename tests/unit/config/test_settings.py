@@ -17,6 +17,7 @@ def test_packaged_defaults_match_the_documented_values():
     assert s.lifecycle.thresholds == (7 * DAY, 14 * DAY, 30 * DAY, 90 * DAY)
     assert s.lifecycle.warning_state == "sleeping"
     assert s.channels == ("organic", "paid_search", "social", "email", "referral")
+    assert s.retention.days == (1, 7, 30) and s.retention.cohort_horizon == 12
 
 
 @pytest.mark.parametrize(
@@ -34,9 +35,13 @@ def test_packaged_defaults_match_the_documented_values():
         ("kafka: {partitions: 0}", "kpimon.yaml: kafka.partitions: Input should be greater than or equal to 1"),
         ("- a\n- b", "kpimon.yaml: <root>: expected a mapping of keys, got list"),
         ("timezone: [unclosed", "kpimon.yaml: not valid YAML"),
+        ("retention: {days: [7, 400]}", "kpimon.yaml: retention.days: 400: a day count must be between"),
+        ("retention: {days: [7, 7]}", "kpimon.yaml: retention.days: a day count is listed twice"),
+        ("retention: {days: []}", "kpimon.yaml: retention.days: list at least one day count"),
+        ("retention: {cohort_horizon: 0}", "kpimon.yaml: retention.cohort_horizon: Input should be greater than"),
     ],
     ids=["tz", "duration", "negative", "order", "warning-state", "label", "reserved", "unknown-key", "partitions",
-         "root", "yaml"],
+         "root", "yaml", "retention-range", "retention-twice", "retention-empty", "cohort-horizon"],
 )
 def test_errors_name_file_key_and_fault(tmp_path, yaml_text, message):
     path = tmp_path / "kpimon.yaml"

@@ -20,7 +20,7 @@ from kpimon.dashboards import queries as dq
 ROOT = Path(__file__).resolve().parents[3]
 RULES_DIR = ROOT / "deploy" / "rules"
 # What Grafana substitutes; any value works for these offline checks.
-SAMPLE_VALUES = {"__rate_interval": "1m", "kpi": "revenue|new_users", "grain": "month",
+SAMPLE_VALUES = {"__rate_interval": "1m", "kpi": "revenue|new_users", "grain": "month", "cohort_grain": "week",
                  "warning_state": "sleeping", "datasource": "kpimon-prometheus"}
 
 
@@ -43,6 +43,10 @@ def _family_names(registry: CollectorRegistry) -> tuple[set[str], set[str]]:
 @pytest.fixture(scope="module")
 def exported() -> tuple[set[str], set[str]]:
     """The metric names the product exports, from its own collectors on a fresh registry (nothing started)."""
+    from kpimon.agents.core.aggregate import Aggregator
+    from kpimon.agents.core.ledger import Book
+    from kpimon.agents.core.periods import Calendar
+    from kpimon.agents.metrics.cohorts import CohortCollector
     from kpimon.agents.metrics.exporter import KpimonMetrics, StateCollector, new_registry
     from kpimon.agents.metrics.live_kpis import KpiCollector
     from kpimon.agents.serving.writer import ServingWriter
@@ -54,6 +58,8 @@ def exported() -> tuple[set[str], set[str]]:
     KpimonMetrics(registry, settings.event_types, settings.channels, settings.money.decimals)
     registry.register(StateCollector(lambda: [], settings.money.decimals))
     registry.register(KpiCollector(lambda: None))
+    registry.register(CohortCollector(Book({}, {}, calendar=Calendar("UTC"), warning_state="sleeping", decimals=2,
+                                           config_version={}), Aggregator({}), Calendar("UTC"), 12, lambda: False))
     ServingWriter(settings, registry)
     Health(registry)
     return _family_names(registry)

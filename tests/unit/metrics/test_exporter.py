@@ -92,6 +92,16 @@ def test_state_gauges_are_computed_at_scrape_time_and_summed_over_partitions(reg
     assert get("kpimon_period_value", {"metric": "growth_new", "grain": "quarter"}) is None
     assert get("kpimon_period_value", {"metric": "active_users", "grain": "quarter"}) == 2
     assert get("kpimon_period_value", {"metric": "growth_new", "grain": "month"}) == 2
+    # N-day retention so far: a signed up on Jan 1, its day 1 (Jan 2) and day 7 (Jan 8) are past, without
+    # activity; its day 30 is not reached.
+    assert get("kpimon_period_retention_users", {"grain": "month", "n": "d1", "kind": "eligible"}) == 1
+    assert get("kpimon_period_retention_users", {"grain": "month", "n": "d1", "kind": "retained"}) == 0
+    assert get("kpimon_period_retention_users", {"grain": "month", "n": "d7", "kind": "eligible"}) == 1
+    assert get("kpimon_period_retention_users", {"grain": "month", "n": "d30", "kind": "eligible"}) == 0
+    # A partition that cannot know the 7-day retention of the month: absent, not a partial sum.
+    e2._accs[2].retention = {n: v for n, v in (e2._accs[2].retention or {}).items() if n != 7}
+    assert get("kpimon_period_retention_users", {"grain": "month", "n": "d7", "kind": "eligible"}) is None
+    assert get("kpimon_period_retention_users", {"grain": "month", "n": "d1", "kind": "eligible"}) == 1
 
 
 def test_exposition_passes_promtool(registry, settings):
