@@ -175,6 +175,12 @@ class Retention(_Model):
         return tuple(sorted(value))
 
 
+class Activation(_Model):
+    """Activation within a window (docs/metrics.md): a new user who purchases within ``window_days`` days."""
+
+    window_days: int = Field(default=7, ge=1, le=366)
+
+
 class Money(_Model):
     decimals: int = Field(default=2, ge=0, le=6)
 
@@ -243,6 +249,7 @@ class Settings(_Model):
     min_epoch_ms: int = 946_684_800_000  # earliest *integer* ts accepted: 2000-01-01T00:00:00Z (see _epoch_floor)
     lifecycle: Lifecycle = Lifecycle()
     retention: Retention = Retention()
+    activation: Activation = Activation()
     channels: tuple[str, ...] = ("organic", "paid_search", "social", "email", "referral")
     event_types: tuple[str, ...] = ("signup", "purchase", "refund", "invite", "login", "page_view", "session_start",
                                     "app_open")

@@ -37,6 +37,9 @@ DEFAULTS: dict[str, Any] = {
     },
     "channels": ["organic", "paid_search", "social", "email", "referral"],
     "worker": {"clock": "event"},
+    # Short windows, so that generated streams (days to weeks) reach day N and the activation window often.
+    "retention": {"days": [1, 2, 7]},
+    "activation": {"window_days": 2},
 }
 
 

@@ -21,6 +21,9 @@ Definitions (docs: the metric spec):
 * The first signup of a user is the earliest by ``(ts, event_id)``; its local day is the signup day.
 * N-day retention of P: eligible, the users whose signup day + N days is a day of P; retained, those of
   them with an event on that day.
+* First purchases of P: users whose first purchase is in P.  Activation (window W days) of P: eligible, the
+  users whose signup day + W days is a day of P; converted, those of them with a purchase from the start of
+  their signup day to the start of that day.
 * Cohorts of a week or month P: for P and each of the ``cohort_horizon`` periods before it, the users whose
   first signup is in that period and who have an event in P.
 """
@@ -141,7 +144,8 @@ def period_numbers(start: int, end: int, events: list[dict[str, Any]], settings:
         "entered_dead": 0, "won_back_churned": 0, "won_back_dead": 0,
         "population": {name: 0 for name in _STATE_NAMES}, "new_users_by_channel": {},
         "growth_new": 0, "growth_retained": 0, "growth_resurrected": 0, "growth_dormant": 0,
-        "retention": {n: [0, 0] for n in settings.retention.days},
+        "retention": {n: [0, 0] for n in settings.retention.days}, "first_purchases": 0,
+        "activation": [0, 0],
         "cohorts": None if cohorts is None else {c.label: 0 for c in cohorts},
     }
 
@@ -161,6 +165,13 @@ def period_numbers(start: int, end: int, events: list[dict[str, Any]], settings:
                     counts[0] += 1
                     if any(day_n.start_ms <= e["ts"] < day_n.end_ms for e in evs):
                         counts[1] += 1
+            window = settings.activation.window_days
+            day_w = cal.periods_of_day(signup_day + window)[0]
+            if inside(day_w.start_ms):
+                n["activation"][0] += 1
+                since = cal.periods_of_day(signup_day)[0].start_ms
+                if any(e["type"] == "purchase" and since <= e["ts"] < day_w.start_ms for e in evs):
+                    n["activation"][1] += 1
             for c in cohorts or ():
                 if c.start_ms <= signup_ts < c.end_ms and any(inside(e["ts"]) for e in evs):
                     n["cohorts"][c.label] += 1
@@ -176,6 +187,9 @@ def period_numbers(start: int, end: int, events: list[dict[str, Any]], settings:
         if in_p:
             n["active_users"] += 1
         purchases = [e for e in in_p if e["type"] == "purchase"]
+        all_purchases = [e for e in evs if e["type"] == "purchase"]
+        if all_purchases and inside(all_purchases[0]["ts"]):
+            n["first_purchases"] += 1
         n["orders"] += len(purchases)
         if purchases:
             n["paying_users"] += 1
@@ -224,6 +238,9 @@ def _is_empty(n: dict[str, Any]) -> bool:
         if key == "retention":
             if any(e or r for e, r in value.values()):
                 return False
+        elif key == "activation":
+            if any(value):
+                return False
         elif isinstance(value, dict):
             if any(value.values()):
                 return False
@@ -259,6 +276,9 @@ def _result(n: dict[str, Any], settings: Any) -> dict[str, Any]:
                    "quick_ratio": _quick_ratio(n["growth_new"] + n["growth_resurrected"], n["growth_dormant"])},
         "retention": {f"d{days}": {"eligible": e, "retained": r, "rate": _quick_ratio(r, e)}
                       for days, (e, r) in sorted(n["retention"].items())},
+        "first_purchases": n["first_purchases"],
+        "activation": {"eligible": n["activation"][0], "converted": n["activation"][1],
+                       "rate": _quick_ratio(n["activation"][1], n["activation"][0])},
         **({} if n["cohorts"] is None else {"cohorts": dict(sorted(n["cohorts"].items()))}),
     }
 

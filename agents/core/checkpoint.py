@@ -185,9 +185,11 @@ def restore(cfg: EngineConfig, state: EngineState, dedup: DedupStore | None = No
 
 
 def _flows_only(wire: dict) -> PeriodMetrics:
-    """An ``ahead`` accumulator: flows of a day not open yet, so its growth counts are complete (zero)."""
+    """An ``ahead`` accumulator: flows of a day not open yet, so its growth counts and first purchases are complete
+    (zero: they are counted when the day is open)."""
     acc = PeriodMetrics.from_wire(wire)
     acc.growth = True
+    acc.first_purchases = 0
     return acc
 
 

@@ -96,18 +96,20 @@ class EngineConfig:
     fingerprint: str = ""  # of every setting that changes what the state means (see from_settings)
     retention_days: tuple[int, ...] = (1, 7, 30)
     cohort_horizon: int = 12
+    activation_days: int = 7
 
     @classmethod
     def from_settings(cls, settings) -> EngineConfig:
         meaning: tuple = (settings.timezone, settings.lateness, settings.dedup_horizon,
                           settings.lifecycle.thresholds, settings.money.decimals, settings.channels)
-        days = settings.retention.days
-        if days != cls.retention_days:
-            # The state holds eligible counts per N for days ahead.  (Default days add nothing, so the
+        days, window = settings.retention.days, settings.activation.window_days
+        if days != cls.retention_days or window != cls.activation_days:
+            # The state holds eligible counts per N and W for days ahead.  (The defaults add nothing, so the
             # checkpoints of a version before retention keep their fingerprint.)
-            meaning += (days,)
+            meaning += (days, window)
         return cls(
             retention_days=days,
+            activation_days=window,
             cohort_horizon=settings.retention.cohort_horizon,
             calendar=Calendar(settings.timezone),
             thresholds=Thresholds(*settings.lifecycle.thresholds),
@@ -275,6 +277,7 @@ class PartitionEngine:
         """An empty accumulator for a period of grain ``GRAINS[g]`` (or an ``ahead`` day)."""
         acc = PeriodMetrics()
         acc.retention = {n: [0, 0] for n in self.cfg.retention_days}
+        acc.activation = {self.cfg.activation_days: [0, 0]}
         if g in COHORT_GRAINS:
             acc.cohorts = {}
         return acc
@@ -318,17 +321,32 @@ class PartitionEngine:
             acc = self.ahead[start] = self.new_acc()
         return acc
 
-    def _signed_up(self, sd: int) -> None:
-        """A first signup on the open day (``sd``): eligible for N-day retention N days later, and in its
-        cohorts at offset 0 (active in its own week and month)."""
+    def _signed_up(self, sd: int, purchased_today: bool) -> None:
+        """A first signup on the open day (``sd``): eligible for N-day retention N days later and for activation
+        W days later (converted already if the user purchased earlier today), and in its cohorts at offset 0
+        (active in its own week and month)."""
         ordinal = sd - 1 + EPOCH_ORD
         periods_of_day = self.cal.periods_of_day
         for n in self.cfg.retention_days:
             self._ahead(periods_of_day(ordinal + n)[0].start_ms).retention[n][0] += 1  # type: ignore[index]
+        w = self.cfg.activation_days
+        counts = self._ahead(periods_of_day(ordinal + w)[0].start_ms).activation[w]  # type: ignore[index]
+        counts[0] += 1
+        if purchased_today:
+            counts[1] += 1
         for g in COHORT_GRAINS:
             counts = self._accs[g].cohorts
             label = self._periods[g].label
             counts[label] = counts.get(label, 0) + 1  # type: ignore[union-attr,index]
+
+    def _purchased_in_window(self, sd: int, lp: int) -> None:
+        """A purchase within the activation window of a signup on day ``sd``, the previous one at ``lp``: the first
+        such purchase converts the user (a previous one on or after the signup day already did)."""
+        periods_of_day = self.cal.periods_of_day
+        ordinal = sd - 1 + EPOCH_ORD
+        if lp < periods_of_day(ordinal)[0].start_ms:
+            w = self.cfg.activation_days
+            self._ahead(periods_of_day(ordinal + w)[0].start_ms).activation[w][1] += 1  # type: ignore[index]
 
     def _cohorts_of(self, sd: int) -> tuple[str, ...]:
         """The labels of the cohorts (COHORT_GRAINS) of a signup day."""
@@ -538,6 +556,11 @@ class PartitionEngine:
         if eff.purchase:
             lpm = v >> PURCHASE_SHIFT
             lp = (lpm - 1) * MINUTE if lpm else NEVER
+            if not lpm and day.first_purchases is not None:  # None: the day was open across an upgrade
+                day.first_purchases += 1
+            sd = (v >> SD_SHIFT) & SD_MASK
+            if sd and self._sd - sd < self.cfg.activation_days:
+                self._purchased_in_window(sd, lp)
             if lp < periods[0].start_ms:
                 for g, acc in enumerate(accs):
                     if lp < periods[g].start_ms:
@@ -549,7 +572,8 @@ class PartitionEngine:
                 sd = self._sd
                 if 0 < sd <= SD_MASK:
                     z0[uid] = v | SIGNED | (sd << SD_SHIFT)
-                    self._signed_up(sd)
+                    lpm = v >> PURCHASE_SHIFT
+                    self._signed_up(sd, bool(lpm) and (lpm - 1) * MINUTE >= periods[0].start_ms)
                 else:
                     z0[uid] = v | SIGNED  # a day outside 1970-2328: not in cohorts nor retention
                 day.new_users += 1
@@ -687,10 +711,13 @@ class PartitionEngine:
         + 1 latest cohorts (0 included)."""
         since = self.cohorts_since
         cal = self.cal
-        if acc.retention is not None and since != NEVER:
+        if since != NEVER:
             first = cal.day_ordinal(period.start_ms)  # eligible users signed up from day first - N on
-            acc.retention = {n: v for n, v in acc.retention.items()
-                             if cal.periods_of_day(first - n)[0].start_ms >= since}
+            for name in ("retention", "activation"):
+                counts = getattr(acc, name)
+                if counts is not None:
+                    setattr(acc, name, {n: v for n, v in counts.items()
+                                        if cal.periods_of_day(first - n)[0].start_ms >= since})
         if g not in COHORT_GRAINS:
             acc.cohorts = None
             return

@@ -17,7 +17,7 @@ from typing import Any
 
 from kpimon.agents.core.formula import PREV, to_fraction
 from kpimon.agents.core.lifecycle import STATES
-from kpimon.agents.core.metrics import GROWTH_KEYS
+from kpimon.agents.core.metrics import ACTIVATION_KEYS, GROWTH_KEYS
 
 __all__ = [
     "ADDITIVE_METRICS",
@@ -36,13 +36,14 @@ __all__ = [
 SCALAR_METRICS: tuple[str, ...] = (
     "new_users", "active_users", "orders", "paying_users", "revenue", "refunds", "invites",
     "referred_signups", "entered_silent", "entered_sleeping", "entered_churned", "entered_dead",
-    "churn_warnings", "churned", "won_back",
+    "churn_warnings", "churned", "won_back", "first_purchases",
 )
 #: Nested numbers: ``<group>.<key>``.
 NESTED_METRICS: dict[str, tuple[str, ...]] = {
     "population": tuple(STATES),
     "won_back_by_depth": ("churned", "dead"),
     "growth": GROWTH_KEYS,
+    "activation": ACTIVATION_KEYS,
 }
 #: Metrics that are split by acquisition channel, and where the split lives.
 CHANNEL_SPLIT: dict[str, str] = {"new_users": "new_users_by_channel"}
@@ -50,7 +51,8 @@ CHANNEL_SPLIT: dict[str, str] = {"new_users": "new_users_by_channel"}
 ADDITIVE_METRICS: frozenset[str] = frozenset({
     "new_users", "orders", "revenue", "refunds", "invites", "referred_signups", "entered_silent",
     "entered_sleeping", "entered_churned", "entered_dead", "churn_warnings", "churned", "won_back",
-    "won_back_by_depth.churned", "won_back_by_depth.dead", "growth.new",
+    "won_back_by_depth.churned", "won_back_by_depth.dead", "growth.new", "first_purchases",
+    "activation.eligible", "activation.converted",
 })
 #: Money amounts (decimal strings in the metrics dict).
 MONEY_METRICS: frozenset[str] = frozenset({"revenue", "refunds"})

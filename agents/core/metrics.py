@@ -26,6 +26,9 @@ ADDITIVE = (
     "won_back_churned",
     "won_back_dead",
 )
+# Counts that add up over days too, added after numbers were first written: ``None`` (unknown) in numbers written
+# before they existed, and in any sum with such numbers.
+LATER_ADDITIVE = ("first_purchases",)
 # Distinct-user counts, counted per grain directly.
 DISTINCT = ("active_users", "paying_users")
 # Growth accounting, per grain: the active users split by what they did in the previous period of that grain
@@ -46,8 +49,8 @@ ENTERED = ("entered_silent", "entered_sleeping", "entered_churned", "entered_dea
 class PeriodMetrics:
     """Accumulator of one period.  Plain attributes: the engine bumps them inline."""
 
-    __slots__ = (*ADDITIVE, *DISTINCT, *GROWTH, "growth", "population", "new_users_by_channel", "retention",
-                 "cohorts")
+    __slots__ = (*ADDITIVE, *LATER_ADDITIVE, *DISTINCT, *GROWTH, "growth", "population", "new_users_by_channel",
+                 "retention", "activation", "cohorts")
 
     # Declarations only (no class values, so no clash with __slots__): the counters are set
     # by name in __init__ from ADDITIVE / DISTINCT, which a type checker cannot follow.
@@ -57,6 +60,7 @@ class PeriodMetrics:
     refunds: int
     invites: int
     referred_signups: int
+    first_purchases: int | None
     entered_silent: int
     entered_sleeping: int
     entered_churned: int
@@ -71,12 +75,13 @@ class PeriodMetrics:
     prev_active: int
 
     def __init__(self) -> None:
-        for name in (*ADDITIVE, *DISTINCT, *GROWTH):
+        for name in (*ADDITIVE, *LATER_ADDITIVE, *DISTINCT, *GROWTH):
             setattr(self, name, 0)
         self.growth = True  # the growth counts cover the whole period
         self.population: list[int] = [0] * len(STATES)
         self.new_users_by_channel: dict[str, int] = {}
         self.retention: dict[int, list[int]] | None = None
+        self.activation: dict[int, list[int]] | None = None  # W -> [eligible, converted], as retention
         self.cohorts: dict[str, int] | None = None
 
     def add_additive(self, other: PeriodMetrics) -> None:
@@ -86,6 +91,9 @@ class PeriodMetrics:
         for ch, n in other.new_users_by_channel.items():
             self.new_users_by_channel[ch] = self.new_users_by_channel.get(ch, 0) + n
         self.retention = _sum_retention(self.retention, other.retention)
+        self.activation = _sum_retention(self.activation, other.activation)
+        for name in LATER_ADDITIVE:
+            setattr(self, name, _sum_optional(getattr(self, name), getattr(other, name)))
 
     def merge(self, other: PeriodMetrics) -> PeriodMetrics:
         """Sum of two partitions' numbers for the same period (users are partitioned)."""
@@ -99,7 +107,10 @@ class PeriodMetrics:
             chans[ch] = chans.get(ch, 0) + n
         out.new_users_by_channel = chans
         out.retention = _sum_retention(self.retention, other.retention)
+        out.activation = _sum_retention(self.activation, other.activation)
         out.cohorts = _sum_known(self.cohorts, other.cohorts)
+        for name in LATER_ADDITIVE:
+            setattr(out, name, _sum_optional(getattr(self, name), getattr(other, name)))
         return out
 
     def combined(self, other: PeriodMetrics) -> PeriodMetrics:
@@ -113,7 +124,10 @@ class PeriodMetrics:
         out.population = list(self.population)
         out.new_users_by_channel = dict(self.new_users_by_channel)
         out.retention = _sum_retention(self.retention, other.retention)
+        out.activation = _sum_retention(self.activation, other.activation)
         out.cohorts = None if self.cohorts is None else dict(self.cohorts)
+        for name in LATER_ADDITIVE:
+            setattr(out, name, _sum_optional(getattr(self, name), getattr(other, name)))
         return out
 
     # -- wire form (partials between worker and aggregator, state snapshots) --
@@ -122,10 +136,14 @@ class PeriodMetrics:
         if self.growth:
             for name in GROWTH:
                 data[name] = getattr(self, name)
+        for name in LATER_ADDITIVE:
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
         data["population"] = list(self.population)
         data["new_users_by_channel"] = dict(sorted(self.new_users_by_channel.items()))
-        data["retention"] = None if self.retention is None else {
-            str(n): list(v) for n, v in sorted(self.retention.items())}
+        for name in ("retention", "activation"):
+            counts = getattr(self, name)
+            data[name] = None if counts is None else {str(n): list(v) for n, v in sorted(counts.items())}
         data["cohorts"] = None if self.cohorts is None else dict(sorted(self.cohorts.items()))
         return data
 
@@ -138,19 +156,24 @@ class PeriodMetrics:
         if out.growth:
             for name in GROWTH:
                 setattr(out, name, int(data[name]))
+        for name in LATER_ADDITIVE:  # absent: written before it existed, unknown
+            setattr(out, name, None if data.get(name) is None else int(data[name]))
         out.population = [int(x) for x in data["population"]]
         out.new_users_by_channel = {str(k): int(v) for k, v in data["new_users_by_channel"].items()}
         # Absent: written before retention and cohorts, none known; null: none of them here (neutral).
-        ret = data.get("retention", {})
-        out.retention = None if ret is None else {int(n): [int(v[0]), int(v[1])] for n, v in ret.items()}
+        for name in ("retention", "activation"):
+            ret = data.get(name, {})
+            setattr(out, name, None if ret is None else {int(n): [int(v[0]), int(v[1])] for n, v in ret.items()})
         coh = data.get("cohorts", {})
         out.cohorts = None if coh is None else {str(k): int(v) for k, v in coh.items()}
         return out
 
     def is_empty(self) -> bool:
         """No event, no entry and no user at all: a period before any data."""
-        return (not any(getattr(self, n) for n in (*ADDITIVE, *DISTINCT, *GROWTH)) and not any(self.population)
+        return (not any(getattr(self, n) for n in (*ADDITIVE, *LATER_ADDITIVE, *DISTINCT, *GROWTH))
+                and not any(self.population)
                 and not any(e or r for e, r in (self.retention or {}).values())
+                and not any(e or c for e, c in (self.activation or {}).values())
                 and not any((self.cohorts or {}).values()))
 
     def __eq__(self, other: object) -> bool:
@@ -182,9 +205,18 @@ class PeriodMetrics:
             "population": dict(zip(STATES, self.population)),
             "new_users_by_channel": dict(sorted(self.new_users_by_channel.items())),
             "growth": self.growth_result(),
+            "first_purchases": self.first_purchases,
             "retention": self.retention_result(),
+            "activation": self.activation_result(),
             **({} if self.cohorts is None else {"cohorts": dict(sorted(self.cohorts.items()))}),
         }
+
+    def activation_result(self) -> dict[str, Any]:
+        """New users eligible for activation, those who purchased within the window, and their ratio; every value
+        ``None`` if unknown in this period (docs/metrics.md)."""
+        for _, (e, c) in sorted((self.activation or {}).items()):
+            return {"eligible": e, "converted": c, "rate": ratio(c, e)}
+        return dict.fromkeys(ACTIVATION_KEYS)
 
     def retention_result(self) -> dict[str, dict[str, Any]]:
         """``dN`` -> eligible, retained and their ratio, for every N known in this period (docs/metrics.md)."""
@@ -201,6 +233,7 @@ class PeriodMetrics:
 
 
 GROWTH_KEYS = ("new", "retained", "resurrected", "dormant", "quick_ratio")
+ACTIVATION_KEYS = ("eligible", "converted", "rate")
 
 
 def ratio(num: int, den: int) -> str | None:
@@ -214,6 +247,11 @@ def ratio(num: int, den: int) -> str | None:
 def quick_ratio(gained: int, dormant: int) -> str | None:
     """``gained / dormant`` as a decimal string rounded half-even to 4 places; ``None`` if nobody went dormant."""
     return ratio(gained, dormant)
+
+
+def _sum_optional(a: int | None, b: int | None) -> int | None:
+    """Sum of two counts either of which may be unknown (``None``: then the sum is too)."""
+    return None if a is None or b is None else a + b
 
 
 def _sum_known(a: dict[Any, int] | None, b: dict[Any, int] | None) -> dict[Any, int] | None:

@@ -137,6 +137,11 @@ class StateCollector(Collector):
                 growth = m.growth_result()
                 for key in GROWTH_GAUGES:
                     fam.add_metric([f"growth_{key}", str(grain)], growth[key])
+            if m.first_purchases is not None:  # unknown in a period open across an upgrade
+                fam.add_metric(["first_purchases", str(grain)], m.first_purchases)
+            for _, (eligible, converted) in (m.activation or {}).items():
+                fam.add_metric(["activation_eligible", str(grain)], eligible)
+                fam.add_metric(["activation_converted", str(grain)], converted)
             # For the N every partition knows (PeriodMetrics.retention); N from the settings' retention.days.
             for n, (eligible, retained) in sorted((m.retention or {}).items()):
                 ret.add_metric([str(grain), f"d{n}", "eligible"], eligible)

@@ -68,8 +68,8 @@ class Replayer:
             raise StateLogError(
                 f"state log partition {self.partition} was written under different settings (fingerprint "
                 f"{record.config}, now {expected}): timezone, lateness, dedup_horizon, lifecycle thresholds, "
-                "money.decimals, channels and retention.days cannot change under existing state. Restore the "
-                "previous settings, "
+                "money.decimals, channels, retention.days and activation.window_days cannot change under existing "
+                "state. Restore the previous settings, "
                 "or start fresh under a new worker.app_id / kafka.topic_prefix and backfill.")
         if self.offset is not None and record.start != self.offset:
             self.skipped += 1

@@ -42,9 +42,11 @@ def test_the_worked_example_is_what_kpimon_reports() -> None:
     block = re.search(r"```jsonl\n(.*?)```", section, re.S)
     assert block is not None
     lines = [line.encode() for line in block.group(1).splitlines() if line.strip()]
-    # The example's settings: the default thresholds (7d / 14d / 30d / 90d), UTC, two decimals.
+    # The example's settings: the defaults (thresholds 7d / 14d / 30d / 90d, retention 1, 7, 30 days, activation
+    # within 7 days), UTC, two decimals.
     s = settings_factory(lifecycle={"silent_after": "7d", "sleeping_after": "14d", "churned_after": "30d",
-                                    "dead_after": "90d", "warning_state": "sleeping"})
+                                    "dead_after": "90d", "warning_state": "sleeping"},
+                         retention={"days": [1, 7, 30]}, activation={"window_days": 7})
     report = run_pipeline(lines, s, 1, ms("2024-04-01T00:00:00Z"))
     months = [report[("month", m)] for m in MONTHS]
     table = _table(section)
@@ -61,10 +63,13 @@ def test_the_worked_example_is_what_kpimon_reports() -> None:
             _, n, field = key.split(".")
             assert [_cell(m["retention"][n][field]) for m in months] == cells, name
             checked += 1
+        elif key.startswith("activation."):
+            assert [_cell(m["activation"][key.split(".", 1)[1]]) for m in months] == cells, name
+            checked += 1
         elif key.startswith("cohorts."):
             assert [_cell(m["cohorts"].get(key.split(".", 1)[1])) for m in months] == cells, name
             checked += 1
-    assert checked >= 22, f"only {checked} rows compared: did the table's format change?"
+    assert checked >= 26, f"only {checked} rows compared: did the table's format change?"
     assert [f"{m['won_back']} ({m['won_back_by_depth']['churned']}/{m['won_back_by_depth']['dead']})"
             for m in months] == table["won_back (churned / dead)"]
     pops = ["/".join(str(v) for v in m["population"].values()) for m in months]
@@ -81,7 +86,8 @@ def test_the_cohort_table_example_in_operations_md_is_what_kpimon_cohorts_prints
     assert block is not None
     lines = [line.encode() for line in block.group(1).splitlines() if line.strip()]
     s = settings_factory(lifecycle={"silent_after": "7d", "sleeping_after": "14d", "churned_after": "30d",
-                                    "dead_after": "90d", "warning_state": "sleeping"})
+                                    "dead_after": "90d", "warning_state": "sleeping"},
+                         retention={"days": [1, 7, 30]}, activation={"window_days": 7})
     report = run_pipeline(lines, s, 1, ms("2024-04-01T00:00:00Z"))
     (tmp_path / "report.json").write_text(json.dumps({"periods": [
         {"grain": grain, "period": label, "metrics": metrics} for (grain, label), metrics in report.items()]}))

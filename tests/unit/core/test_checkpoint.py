@@ -126,7 +126,9 @@ def test_a_format_1_checkpoint_from_the_previous_release_still_loads() -> None:
     """data/checkpoint-v1.bin was written by the release before flows were applied on arrival (format 1: the
     pending events carried their amounts).  Loaded now, it is the state of today's engine after the same events,
     and it closes the same periods."""
-    s = settings_factory(lateness="2d")
+    # That release's settings: the test defaults of then, without retention and activation (their defaults add
+    # nothing to the fingerprint, so its checkpoints are still this deployment's).
+    s = settings_factory(lateness="2d", retention={"days": [1, 7, 30]}, activation={"window_days": 7})
     dec = Decoder(s.money.decimals)
     engine = PartitionEngine(EngineConfig.from_settings(s))
     engine.offer_batch([dec.decode(raw) for raw in scenario_events()])
@@ -150,14 +152,15 @@ def test_a_format_1_checkpoint_from_the_previous_release_still_loads() -> None:
     cal = engine.cal
     known_retention = 0
     for (grain, label, want), (_, _, have) in zip(closed, got, strict=True):
-        if (grain, label) in open_then:
-            assert not PeriodMetrics.from_wire(have).growth and _without_new(have) == _without_new(want)
-        else:  # opened after the load: complete, growth included
-            assert _without_new(have) == _without_new(want) and PeriodMetrics.from_wire(have).growth
         h, w = PeriodMetrics.from_wire(have), PeriodMetrics.from_wire(want)
+        if (grain, label) in open_then:
+            assert not h.growth and _without_new(have) == _without_new(want) and h.first_purchases is None
+        else:  # opened after the load: complete, growth and first purchases included
+            assert _without_new(have) == _without_new(want) and h.growth and h.first_purchases == w.first_purchases
         first = cal.day_ordinal(cal.parse(grain, label).start_ms)
-        assert w.retention is not None and h.retention == {
-            n: v for n, v in w.retention.items() if cal.periods_of_day(first - n)[0].start_ms >= since}
+        for name in ("retention", "activation"):
+            assert getattr(h, name) == {n: v for n, v in getattr(w, name).items()
+                                        if cal.periods_of_day(first - n)[0].start_ms >= since}
         known_retention += len(h.retention)
         if w.cohorts is None:
             assert h.cohorts is None
@@ -172,7 +175,8 @@ def test_a_format_1_checkpoint_from_the_previous_release_still_loads() -> None:
 
 def _without_new(wire: dict) -> dict:
     """A period's numbers without those a format-1 checkpoint cannot have: growth, retention and cohorts."""
-    return {k: v for k, v in wire.items() if k not in (*GROWTH, "retention", "cohorts")}
+    return {k: v for k, v in wire.items() if k not in (*GROWTH, "retention", "activation", "cohorts",
+                                                       "first_purchases")}
 
 
 def _growth_free(state: dict) -> dict:

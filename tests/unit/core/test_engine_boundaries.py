@@ -544,6 +544,43 @@ CASES.append(Case(
     },
 ))
 
+# first purchases and activation within a window
+
+
+def act(eligible: int, converted: int, rate: str | None) -> dict[str, Any]:
+    return {"eligible": eligible, "converted": converted, "rate": rate}
+
+
+ev = events_factory()
+CASES.append(Case(
+    # Window 7 days: a signup on day d is eligible on day d + 7, converted by a purchase on days d .. d + 6.
+    # u1 purchases at 08:00 and signs up at 09:00 on Jan 1: converted (same day).  u2 signs up Jan 2 and first
+    # purchases on Jan 9, its day 7: too late.  u3 signs up at 23:59 on Jan 3, purchases at 23:59 on Jan 9 (day
+    # 6) and again on Jan 10: converted once.  u4 signs up twice (Jan 4 counts) and never purchases.  u5 never
+    # signs up: a first purchase, outside activation.
+    id="first-purchases-and-activation",
+    settings={"activation": {"window_days": 7}},
+    events=[ev("u1", "purchase", "2024-01-01T08:00:00Z", amount="5"), ev("u1", "signup", "2024-01-01T09:00:00Z"),
+            ev("u2", "signup", "2024-01-02T10:00:00Z"), ev("u3", "signup", "2024-01-03T23:59:00Z"),
+            ev("u4", "signup", "2024-01-04T12:00:00Z"), ev("u4", "signup", "2024-01-05T12:00:00Z"),
+            ev("u5", "purchase", "2024-01-05T13:00:00Z", amount="1"),
+            ev("u2", "purchase", "2024-01-09T09:00:00Z", amount="2"),
+            ev("u3", "purchase", "2024-01-09T23:59:00Z", amount="3"),
+            ev("u3", "purchase", "2024-01-10T10:00:00Z", amount="4")],
+    until=ms("2024-02-01T00:00:00Z"),
+    expect={
+        ("day", "2024-01-01"): {"first_purchases": 1, "activation": act(0, 0, None)},  # nobody eligible: no value
+        ("day", "2024-01-05"): {"first_purchases": 1},
+        ("day", "2024-01-08"): {"first_purchases": 0, "activation": act(1, 1, "1.0000")},
+        ("day", "2024-01-09"): {"first_purchases": 2, "activation": act(1, 0, "0.0000")},
+        ("day", "2024-01-10"): {"first_purchases": 0, "activation": act(1, 1, "1.0000")},
+        ("day", "2024-01-11"): {"activation": act(1, 0, "0.0000")},
+        ("week", "2024-W01"): {"first_purchases": 2, "activation": act(0, 0, None)},
+        ("week", "2024-W02"): {"first_purchases": 2, "activation": act(4, 2, "0.5000")},
+        ("month", "2024-01"): {"first_purchases": 4, "activation": act(4, 2, "0.5000"), "new_users": 4},
+    },
+))
+
 PARAMS = [pytest.param(case, impl, id=f"{case.id}|{impl}") for case in CASES for impl in _impls(case)]
 
 

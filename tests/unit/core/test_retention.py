@@ -94,3 +94,34 @@ def test_a_spec_naming_a_retention_the_settings_do_not_compute_is_refused() -> N
     with pytest.raises(ConfigError) as err:
         from_mapping(spec, "kpis.yaml", retention_days=(1, 7, 30))
     assert "kpis.yaml: kpis.d14.formula: 'retention.d14.retained': 14-day retention is not computed" in str(err.value)
+
+
+def test_first_purchases_and_activation_in_the_kpi_catalogue() -> None:
+    m = _metrics({})
+    m.first_purchases, m.activation = 3, {7: [4, 1]}
+    result = m.result("sleeping", str)
+    assert result["first_purchases"] == 3
+    assert result["activation"] == {"eligible": 4, "converted": 1, "rate": "0.2500"}
+    assert lookup(result, "activation.rate") == Fraction(1, 4) and lookup(result, "first_purchases") == 3
+    assert is_additive("first_purchases") and is_additive("activation.converted") and not is_additive("activation.rate")
+    for name in ("first_purchases", "activation.eligible", "activation.converted", "activation.rate"):
+        assert metric_name_problem(name) is None
+    assert "activation has eligible, converted, rate" in (metric_name_problem("activation.users") or "")
+
+
+def test_first_purchases_and_activation_written_before_they_existed_are_unknown() -> None:
+    wire = _metrics({1: [1, 0]}).to_wire()
+    del wire["first_purchases"], wire["activation"]
+    old = PeriodMetrics.from_wire(wire)
+    assert old.first_purchases is None and old.activation == {}
+    result = old.result("sleeping", str)
+    assert result["first_purchases"] is None and result["activation"] == {"eligible": None, "converted": None,
+                                                                          "rate": None}
+    assert lookup(result, "first_purchases") is None and lookup(result, "activation.converted") is None
+    known = _metrics({})
+    known.first_purchases, known.activation = 2, {7: [1, 1]}
+    assert known.merge(old).first_purchases is None and old.merge(known).activation == {}
+    day = _metrics({})
+    day.add_additive(old)
+    assert day.first_purchases is None  # a month with a day of unknown first purchases
+    assert PeriodMetrics.from_wire(old.to_wire()).first_purchases is None  # stays unknown on the wire
