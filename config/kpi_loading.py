@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from kpimon.agents.core.formula import PREV, FormulaError, parse_formula
 from kpimon.agents.core.grains import Grain
-from kpimon.agents.core.kpi_metrics import CHANNEL_SPLIT, metric_name_problem
+from kpimon.agents.core.kpi_metrics import CHANNEL_SPLIT, INPUTS, metric_name_problem
 from kpimon.agents.core.periods import Calendar
 from kpimon.config.kpis import LEVELS, Holding, Kpi, KpiSpec, Owner, kpi_channels, number_text
 from kpimon.config.settings import ConfigError, read_yaml
@@ -55,6 +55,7 @@ def spec_problems(spec: KpiSpec, channels: tuple[str, ...] | None = None, *,
     departments = {o.id for o in spec.owners if o.level == "department"}
     for k in spec.kpis:
         out.extend(_kpi_problems(k, channels, departments, retention_days))
+        out.extend(_input_problems(spec, k))
     if spec.owners:
         companies = [o.id for o in spec.owners if o.level == "company"]
         if len(companies) != 1:
@@ -62,6 +63,30 @@ def spec_problems(spec: KpiSpec, channels: tuple[str, ...] | None = None, *,
     for o in spec.owners:
         out.extend(_owner_problems(spec, o, owners, kpis, channels))
     return out
+
+def _input_problems(spec: KpiSpec, k: Kpi) -> list[tuple[str, str]]:
+    """A formula's ``inputs.<name>.<key>`` must name an input of the spec."""
+    if k.formula is None:
+        return []
+    try:
+        names = parse_formula(k.formula).names
+    except FormulaError:
+        return []  # reported by _kpi_problems
+    out = []
+    for name in names:
+        group, _, rest = name.partition(".")
+        input_name, _, key = rest.partition(".")
+        if group != INPUTS or "." in key or not key:
+            continue
+        table = spec.inputs.get(input_name)
+        if table is None:
+            known = ", ".join(sorted(spec.inputs)) or "none"
+            out.append((f"kpis.{k.id}.formula", f"{name!r}: no input {input_name!r} (inputs: {known})"))
+        elif key not in table:
+            out.append((f"kpis.{k.id}.formula", f"{name!r}: input {input_name!r} has no {key!r} "
+                                                f"(keys: {', '.join(sorted(table))})"))
+    return out
+
 
 def _kpi_problems(k: Kpi, channels: tuple[str, ...] | None, departments: set[str],
                   retention_days: tuple[int, ...] | None = None) -> list[tuple[str, str]]:

@@ -318,11 +318,27 @@ def _canon(value: Any) -> Any:
     return value
 
 
+_Name = Annotated[str, Field(pattern=_ID)]
+PeriodTable = Annotated[Target, BeforeValidator(_target_input)]
+
+
 class KpiSpec(_Model):
     payout: Payout = Payout()
     kpis: tuple[Kpi, ...] = Field(min_length=1)
     owners: tuple[Owner, ...] = ()
+    # Period inputs: values that are not events (marketing spend by channel...), as tables by period label like
+    # targets: ``inputs.<name>.<key>`` in formulas (docs/kpis.md).
+    inputs: dict[_Name, dict[_Name, PeriodTable]] = {}
     source: str = Field(default="<mapping>", exclude=True)
+
+    def inputs_for(self, label: str) -> dict[str, dict[str, Decimal]]:
+        """Every input's value for the period called ``label`` (or its default); keys without one are left out."""
+        out: dict[str, dict[str, Decimal]] = {}
+        for name, table in self.inputs.items():
+            values = {key: v for key, t in table.items() if (v := t.for_label(label)) is not None}
+            if values:
+                out[name] = values
+        return out
 
     # -- look-ups -------------------------------------------------------------------
     def kpi(self, kpi_id: str) -> Kpi:
@@ -364,6 +380,7 @@ class KpiSpec(_Model):
     @property
     def fingerprint(self) -> str:
         """sha256 (hex) of the canonical spec: equal for equal specs, whatever the YAML layout."""
-        data = _canon(self.model_dump(mode="python", exclude={"source"}))
+        # (A spec without inputs hashes as before they existed.)
+        data = _canon(self.model_dump(mode="python", exclude={"source"} if self.inputs else {"source", "inputs"}))
         text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from kpimon.agents.core.formula import PREV, Formula, parse_formula
 from kpimon.agents.core.grains import Grain, Period
-from kpimon.agents.core.kpi_metrics import CHANNEL_SPLIT, MONEY_METRICS, is_additive, lookup
+from kpimon.agents.core.kpi_metrics import CHANNEL_SPLIT, INPUTS, MONEY_METRICS, is_additive, lookup
 from kpimon.agents.core.kpi_scoring import (
     attainment,
     exact_number,
@@ -124,7 +124,8 @@ def _linear(kpi: Any) -> bool:
     projection = getattr(kpi, "projection", None)
     if projection is not None:
         return projection == "linear"
-    return compile_kpi(kpi).is_linear(is_additive, lambda name: name.startswith(PREV))
+    # prev. values and period inputs are constants for the whole period
+    return compile_kpi(kpi).is_linear(is_additive, lambda name: name.startswith((PREV, f"{INPUTS}.")))
 
 
 def _decimals(kpi: Any) -> int:

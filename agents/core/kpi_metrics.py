@@ -26,6 +26,7 @@ __all__ = [
     "NESTED_METRICS",
     "RESERVED_CHANNELS",
     "RETENTION_KEYS",
+    "INPUTS",
     "SCALAR_METRICS",
     "is_additive",
     "lookup",
@@ -59,6 +60,8 @@ MONEY_METRICS: frozenset[str] = frozenset({"revenue", "refunds"})
 RESERVED_CHANNELS = ("other", "unknown")
 #: N-day retention: ``retention.d<N>.<key>`` for the N of the settings' ``retention.days``; the counts add up.
 RETENTION_KEYS = ("eligible", "retained", "rate")
+#: Period inputs of the KPI spec (``KpiSpec.inputs``), which the evaluation puts under this key of the metrics.
+INPUTS = "inputs"
 _RETENTION = re.compile(r"d([1-9][0-9]{0,2})\.([a-z]+)")
 
 
@@ -87,6 +90,12 @@ def metric_name_problem(name: str, channels: Sequence[str] | None = None, *, all
     if path in SCALAR_METRICS:
         return None
     group, _, key = path.partition(".")
+    if group == INPUTS:
+        if name.startswith(PREV):
+            return f"{name!r}: inputs are given per period; prev. cannot be used with them"
+        if key.count(".") != 1:
+            return f"unknown metric {name!r}: write inputs.<name>.<key>"
+        return None  # which inputs exist is the spec's business (config.kpi_loading)
     if group == "retention":
         m = _RETENTION.fullmatch(key)
         if m is None or m.group(2) not in RETENTION_KEYS:
@@ -126,6 +135,9 @@ def lookup(metrics: Mapping[str, Any], path: str) -> Fraction | None:
     group, _, key = path.partition(".")
     if key and group in CHANNEL_SPLIT.values():
         value = metrics.get(group, {}).get(key, 0)
+    elif group == INPUTS:
+        name, _, field = key.partition(".")
+        value = metrics.get(INPUTS, {}).get(name, {}).get(field)  # no value for this period: none
     elif group == "retention":
         n, _, field = key.partition(".")
         counts = metrics.get(group, {}).get(n)  # absent: not known in this period (an upgrade), no value
