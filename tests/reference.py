@@ -21,6 +21,8 @@ Definitions (docs: the metric spec):
 * The first signup of a user is the earliest by ``(ts, event_id)``; its local day is the signup day.
 * N-day retention of P: eligible, the users whose signup day + N days is a day of P; retained, those of
   them with an event on that day.
+* Referred revenue of P: net revenue in P from events at or after the user's first signup, of users whose first
+  signup had a ``referrer_id``.  Inviters of P: users with an invite in P.
 * First purchases of P: users whose first purchase is in P.  Activation (window W days) of P: eligible, the
   users whose signup day + W days is a day of P; converted, those of them with a purchase from the start of
   their signup day to the start of that day.
@@ -145,6 +147,7 @@ def period_numbers(start: int, end: int, events: list[dict[str, Any]], settings:
         "population": {name: 0 for name in _STATE_NAMES}, "new_users_by_channel": {},
         "growth_new": 0, "growth_retained": 0, "growth_resurrected": 0, "growth_dormant": 0,
         "retention": {n: [0, 0] for n in settings.retention.days}, "first_purchases": 0,
+        "referred_revenue": 0, "inviters": 0,
         "activation": [0, 0],
         "cohorts": None if cohorts is None else {c.label: 0 for c in cohorts},
     }
@@ -187,6 +190,12 @@ def period_numbers(start: int, end: int, events: list[dict[str, Any]], settings:
         if in_p:
             n["active_users"] += 1
         purchases = [e for e in in_p if e["type"] == "purchase"]
+        if signups and signups[0].get("referrer_id") is not None:
+            for e in in_p:
+                if e["ts"] >= signups[0]["ts"] and e["type"] in ("purchase", "refund"):
+                    n["referred_revenue"] += e["amount"] if e["type"] == "purchase" else -e["amount"]
+        if any(e["type"] == "invite" for e in in_p):
+            n["inviters"] += 1
         all_purchases = [e for e in evs if e["type"] == "purchase"]
         if all_purchases and inside(all_purchases[0]["ts"]):
             n["first_purchases"] += 1
@@ -277,6 +286,8 @@ def _result(n: dict[str, Any], settings: Any) -> dict[str, Any]:
         "retention": {f"d{days}": {"eligible": e, "retained": r, "rate": _quick_ratio(r, e)}
                       for days, (e, r) in sorted(n["retention"].items())},
         "first_purchases": n["first_purchases"],
+        "referred_revenue": format_money(n["referred_revenue"], decimals),
+        "inviters": n["inviters"],
         "activation": {"eligible": n["activation"][0], "converted": n["activation"][1],
                        "rate": _quick_ratio(n["activation"][1], n["activation"][0])},
         **({} if n["cohorts"] is None else {"cohorts": dict(sorted(n["cohorts"].items()))}),

@@ -34,6 +34,7 @@ import msgspec
 
 from kpimon.agents.core.dedup import DedupStore
 from kpimon.agents.core.engine import (
+    HIGH_SHIFT,
     LOW,
     NEVER,
     PURCHASE_SHIFT,
@@ -50,7 +51,8 @@ from kpimon.streams.events import SIGNUP
 
 FORMAT = 3
 # Format 1: pending events with their amounts (their flows not applied yet), no ``ahead``.  Formats 1 and 2:
-# no signup days in the users' states (bits 43-59 zero), so no ``cohorts_since`` either.
+# no signup days in the users' states (bits 43-59 zero), so no ``cohorts_since`` either, and the high part of a
+# state is the purchase minute alone (no referred bit, no invite day; engine.PURCHASE_SHIFT was 43, then 60).
 READS = (1, 2, 3)
 _DIGEST = 32  # SHA-256
 _V1_CODE_SHIFT = 50  # format 1 pending: ts, and (code << 50) | amount
@@ -66,9 +68,9 @@ class EngineState(msgspec.Struct, array_like=True, gc=False):
     cursor: int | None
     period_starts: list[int]  # the open period of each grain (by its start instant), [] before any event
     accs: list[dict]  # their numbers (PeriodMetrics.to_wire)
-    # Per zone, in zone order: user ids, and their packed states split at PURCHASE_SHIFT (a packed state
-    # can exceed 64 bits, msgpack's limit): the low bits (last activity, signed up, signup day) and the
-    # purchase minute.
+    # Per zone, in zone order: user ids, and their packed states split at HIGH_SHIFT (a packed state can
+    # exceed 64 bits, msgpack's limit): the low bits (last activity, signed up, signup day) and the high ones
+    # (referred, purchase minute, invite day).
     zones: list[tuple[list[str], list[int], list[int]]]
     lifetime: tuple[list[str], list[int]]  # lifetime net revenue of every user who ever paid or was refunded
     # Format 1 only: accepted, not applied yet, per user, as two lists: ts, and (code << 50) | amount.
@@ -81,6 +83,8 @@ class EngineState(msgspec.Struct, array_like=True, gc=False):
     ahead: list[tuple[int, dict]] = []  # flows of days not open yet: (day start, numbers)
     # Format 3: the instant from which first signups' days are recorded (PartitionEngine.cohorts_since).
     cohorts_since: int | None = None
+    # Format 3: the revenue of pending instants (PartitionEngine.pending_revenue): user, instants, amounts.
+    pending_revenue: list[tuple[str, list[int], list[int]]] = []
 
 
 class Checkpoint(msgspec.Struct, array_like=True, gc=False):
@@ -104,7 +108,7 @@ def capture(engine: PartitionEngine) -> EngineState:
         cursor=engine.cursor,
         period_starts=[p.start_ms for p in engine._periods],
         accs=[acc.to_wire() for acc in engine._accs],
-        zones=[(list(z), [v & LOW for v in z.values()], [v >> PURCHASE_SHIFT for v in z.values()])
+        zones=[(list(z), [v & LOW for v in z.values()], [v >> HIGH_SHIFT for v in z.values()])
                for z in engine.zones],
         lifetime=(list(engine.lifetime), list(engine.lifetime.values())),
         pending=[],
@@ -114,6 +118,7 @@ def capture(engine: PartitionEngine) -> EngineState:
         pending_packed=[(uid, _packed(cur)) for uid, cur in engine.pending.items()],
         ahead=[(start, m.to_wire()) for start, m in sorted(engine.ahead.items())],
         cohorts_since=engine.cohorts_since,
+        pending_revenue=[(uid, list(stash), list(stash.values())) for uid, stash in engine.pending_revenue.items()],
     )
 
 
@@ -156,8 +161,11 @@ def restore(cfg: EngineConfig, state: EngineState, dedup: DedupStore | None = No
         engine.cohorts_since = NEVER
     # The open periods' numbers; written before growth accounting, their growth is unknown (PeriodMetrics.growth).
     engine._accs = [PeriodMetrics.from_wire(m) for m in state.accs]
-    engine.zones = [dict(zip(uids, [lo | (hi << PURCHASE_SHIFT) for lo, hi in zip(low, high, strict=True)],
+    shift = HIGH_SHIFT if state.cohorts_since is not None else PURCHASE_SHIFT  # format 3, or 1 and 2
+    engine.zones = [dict(zip(uids, [lo | (hi << shift) for lo, hi in zip(low, high, strict=True)],
                              strict=True)) for uids, low, high in state.zones]
+    engine.pending_revenue = {uid: dict(zip(items, amounts, strict=True))
+                              for uid, items, amounts in state.pending_revenue}
     engine.lifetime = dict(zip(*state.lifetime, strict=True))
     engine.ahead = {start: _flows_only(m) for start, m in state.ahead}
     for uid, data in state.pending_packed:
@@ -189,7 +197,7 @@ def _flows_only(wire: dict) -> PeriodMetrics:
     (zero: they are counted when the day is open)."""
     acc = PeriodMetrics.from_wire(wire)
     acc.growth = True
-    acc.first_purchases = 0
+    acc.first_purchases = acc.inviters = 0
     return acc
 
 

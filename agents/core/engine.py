@@ -44,19 +44,25 @@ ACCEPTED, DUPLICATE, LATE = 0, 1, 2
 
 # Event codes whose only effect once the watermark passes them is the activity itself (their flows were applied
 # on arrival): the fast path of _process_until.
-PLAIN = frozenset(code for code, eff in enumerate(EFFECTS) if not eff.signup and not eff.purchase)
+PLAIN = frozenset(code for code, eff in enumerate(EFFECTS) if not eff.signup and not eff.purchase and not eff.invites)
 
 # A user's state is one int: bits 0-41 the last activity (epoch ms, until 2109), bit 42
 # "first signup applied", bits 43-59 the local day of the first signup (days since 1970-01-01, plus 1;
-# 0: not recorded, before an upgrade), bits 60+ the minute of the last purchase + 1 (0: never).
-# Period starts are whole minutes, so a purchase minute compares exactly with them.  A user who never
-# purchased fits 60 bits (a small int object; a buyer's takes one more 30-bit digit either way).
+# 0: not recorded, before an upgrade), bit 60 "the first signup had a referrer", bits 61-87 the minute of the
+# last purchase + 1 (0: never; until 2225), bits 88-104 the local day of the last invite + 1 (0: never).
+# Period starts are whole minutes, so a purchase minute compares exactly with them.  A user who was never
+# referred, never purchased and never invited fits 60 bits (CPython's two-digit int, 32 bytes); the others
+# take 3 or 4 digits (48 bytes either way, pymalloc rounds to 16).
 LAST = (1 << 42) - 1
 SIGNED = 1 << 42
 SD_SHIFT = 43
 SD_MASK = (1 << 17) - 1
-PURCHASE_SHIFT = 60
-LOW = (1 << PURCHASE_SHIFT) - 1
+HIGH_SHIFT = 60  # checkpoints store a state as two ints split here (msgpack's ints are 64-bit)
+LOW = (1 << HIGH_SHIFT) - 1
+REFERRED = 1 << 60
+PURCHASE_SHIFT = 61
+PURCHASE_MASK = ((1 << 27) - 1) << PURCHASE_SHIFT
+INVITE_SHIFT = 88
 MINUTE = 60_000
 COHORT_GRAINS = (1, 2)  # indices in GRAINS: signup cohorts by ISO week and by month
 # A pending event is one int, (ts << TS_SHIFT) | code (codes below 8), so ints sort as (ts, code), and a
@@ -195,6 +201,10 @@ class PartitionEngine:
         self._sd = 0
         self.cohorts_since = NEVER
         self._cohort_labels: dict[int, tuple[str, ...]] = {}  # signup day -> its cohorts' labels
+        self._start_sds: list[int] = []  # the first day of each open period (as a signup day number)
+        # Revenue (signed minor units) of accepted purchases and refunds by user and pending instant, until the
+        # instant is applied: then it is referred revenue if the user's first signup had a referrer.
+        self.pending_revenue: dict[str, dict[int, int]] = {}
 
     # ------------------------------------------------------------------ input
     def offer(self, ev: Event) -> int:
@@ -285,7 +295,8 @@ class PartitionEngine:
     def derive_prev_starts(self) -> None:
         """The start of the period before each open one (growth accounting: active in the previous period)."""
         self._prev_starts = [self.cal.period_at(p.start_ms - 1, p.grain).start_ms for p in self._periods]
-        self._sd = _sd_of(self.cal.day_ordinal(self._periods[0].start_ms)) if self._periods else 0
+        self._start_sds = [_sd_of(self.cal.day_ordinal(p.start_ms)) for p in self._periods]
+        self._sd = self._start_sds[0] if self._periods else 0
 
     @property
     def dedup(self) -> dict[str, int]:
@@ -313,6 +324,13 @@ class PartitionEngine:
         revenue = EFFECTS[code].revenue
         if revenue:
             self.lifetime[uid] = self.lifetime.get(uid, 0) + revenue * amount
+            # Referred revenue (from the first signup on, of users whose first signup had a referrer) is decided
+            # when the watermark passes t, in event-time order, as what the user's first signup is.
+            stash = self.pending_revenue.get(uid)
+            if stash is None:
+                stash = self.pending_revenue[uid] = {}
+            item = (t << TS_SHIFT) | code
+            stash[item] = stash.get(item, 0) + revenue * amount
 
     def _ahead(self, start: int) -> PeriodMetrics:
         """The accumulator of the day starting at ``start``, not open yet (made on first use)."""
@@ -393,6 +411,7 @@ class PartitionEngine:
 
     def _process_until(self, target: int) -> None:
         due, keys, pending = self._due, self._due_keys, self.pending
+        pending_revenue = self.pending_revenue
         cursor = self.cursor
         assert cursor is not None
         z0 = self.zones[0]
@@ -438,7 +457,7 @@ class PartitionEngine:
                     # today, soon after the last one (and after one another: the step is short): they only move
                     # the last activity.  What _instant would do, without its lookups.
                     v = z0.get(uid)
-                    if v is not None:
+                    if v is not None and (not pending_revenue or uid not in pending_revenue):
                         a = v & LAST
                         if a >= day_start and (items[0] >> TS_SHIFT) - a <= gap and (short or len(items) == 1):
                             for item in items:
@@ -553,8 +572,10 @@ class PartitionEngine:
         # its flows, applied on arrival.
         eff = EFFECTS[code]
         first_signup = False
+        if eff.revenue and self.pending_revenue:
+            self._decide_revenue(uid, t, code, v, day)
         if eff.purchase:
-            lpm = v >> PURCHASE_SHIFT
+            lpm = (v & PURCHASE_MASK) >> PURCHASE_SHIFT
             lp = (lpm - 1) * MINUTE if lpm else NEVER
             if not lpm and day.first_purchases is not None:  # None: the day was open across an upgrade
                 day.first_purchases += 1
@@ -565,24 +586,47 @@ class PartitionEngine:
                 for g, acc in enumerate(accs):
                     if lp < periods[g].start_ms:
                         acc.paying_users += 1
-            z0[uid] = (v & LOW) | ((t // MINUTE + 1) << PURCHASE_SHIFT)
+            z0[uid] = (v & ~PURCHASE_MASK) | ((t // MINUTE + 1) << PURCHASE_SHIFT)
         elif eff.signup and signup is not None:
             if not v & SIGNED:
                 first_signup = True
                 sd = self._sd
+                v |= SIGNED
+                if signup[3] is not None:
+                    v |= REFERRED
+                    day.referred_signups += 1
                 if 0 < sd <= SD_MASK:
-                    z0[uid] = v | SIGNED | (sd << SD_SHIFT)
-                    lpm = v >> PURCHASE_SHIFT
+                    v |= sd << SD_SHIFT
+                    lpm = (v & PURCHASE_MASK) >> PURCHASE_SHIFT
                     self._signed_up(sd, bool(lpm) and (lpm - 1) * MINUTE >= periods[0].start_ms)
-                else:
-                    z0[uid] = v | SIGNED  # a day outside 1970-2328: not in cohorts nor retention
+                # (else a day outside 1970-2328: not in cohorts nor retention)
+                z0[uid] = v
                 day.new_users += 1
                 ch = self.cfg.channel_label(signup[2])
                 day.new_users_by_channel[ch] = day.new_users_by_channel.get(ch, 0) + 1
-                if signup[3] is not None:
-                    day.referred_signups += 1
+        elif eff.invites:
+            # Inviters: the user's first invite in each open period (the last invite's day is in the state).
+            last = v >> INVITE_SHIFT
+            starts = self._start_sds
+            if last < starts[0]:
+                for g, acc in enumerate(accs):
+                    if last < starts[g] and acc.inviters is not None:
+                        acc.inviters += 1
+                z0[uid] = (v & ((1 << INVITE_SHIFT) - 1)) | (self._sd << INVITE_SHIFT)
         if self.track_users:
             self._touch(uid, t, signup[2] if first_signup and signup is not None else None, first_signup)
+
+    def _decide_revenue(self, uid: str, t: int, code: int, v: int, day: PeriodMetrics) -> None:
+        """The revenue waiting at this instant (``pending_revenue``): referred if the user's first signup, applied
+        by now (at or before ``t``), had a referrer."""
+        stash = self.pending_revenue.get(uid)
+        if stash is None:
+            return
+        amount = stash.pop((t << TS_SHIFT) | code, None)
+        if not stash:
+            del self.pending_revenue[uid]
+        if amount is not None and v & REFERRED and day.referred_revenue is not None:
+            day.referred_revenue += amount
 
     def _touch(self, uid: str, t: int, channel: str | None, first_signup: bool) -> None:
         rec = self.touched.get(uid)
@@ -698,6 +742,7 @@ class PartitionEngine:
                 self.outbox.append(Closed(period, acc))
                 periods[g] = self.cal.period_at(boundary, GRAINS[g])
                 prev_starts[g] = period.start_ms
+                self._start_sds[g] = _sd_of(self.cal.day_ordinal(boundary))
                 nxt = accs[g] = self.new_acc(g)
                 if g == 0:
                     # The new day starts with the flows that arrived for it before it opened.
@@ -765,7 +810,7 @@ class PartitionEngine:
         out = {}
         for k, zone in enumerate(self.zones):
             for uid, v in zone.items():
-                lpm = v >> PURCHASE_SHIFT
+                lpm = (v & PURCHASE_MASK) >> PURCHASE_SHIFT
                 out[uid] = (k, v & LAST, bool(v & SIGNED), (lpm - 1) * MINUTE if lpm else None)
         return out
 

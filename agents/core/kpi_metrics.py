@@ -37,7 +37,7 @@ __all__ = [
 SCALAR_METRICS: tuple[str, ...] = (
     "new_users", "active_users", "orders", "paying_users", "revenue", "refunds", "invites",
     "referred_signups", "entered_silent", "entered_sleeping", "entered_churned", "entered_dead",
-    "churn_warnings", "churned", "won_back", "first_purchases",
+    "churn_warnings", "churned", "won_back", "first_purchases", "referred_revenue", "inviters",
 )
 #: Nested numbers: ``<group>.<key>``.
 NESTED_METRICS: dict[str, tuple[str, ...]] = {
@@ -53,10 +53,10 @@ ADDITIVE_METRICS: frozenset[str] = frozenset({
     "new_users", "orders", "revenue", "refunds", "invites", "referred_signups", "entered_silent",
     "entered_sleeping", "entered_churned", "entered_dead", "churn_warnings", "churned", "won_back",
     "won_back_by_depth.churned", "won_back_by_depth.dead", "growth.new", "first_purchases",
-    "activation.eligible", "activation.converted",
+    "activation.eligible", "activation.converted", "referred_revenue",
 })
 #: Money amounts (decimal strings in the metrics dict).
-MONEY_METRICS: frozenset[str] = frozenset({"revenue", "refunds"})
+MONEY_METRICS: frozenset[str] = frozenset({"revenue", "refunds", "referred_revenue"})
 RESERVED_CHANNELS = ("other", "unknown")
 #: N-day retention: ``retention.d<N>.<key>`` for the N of the settings' ``retention.days``; the counts add up.
 RETENTION_KEYS = ("eligible", "retained", "rate")

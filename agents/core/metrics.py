@@ -28,7 +28,10 @@ ADDITIVE = (
 )
 # Counts that add up over days too, added after numbers were first written: ``None`` (unknown) in numbers written
 # before they existed, and in any sum with such numbers.
-LATER_ADDITIVE = ("first_purchases",)
+LATER_ADDITIVE = ("first_purchases", "referred_revenue")
+# Likewise for distinct-user counts.
+LATER_DISTINCT = ("inviters",)
+LATER = (*LATER_ADDITIVE, *LATER_DISTINCT)
 # Distinct-user counts, counted per grain directly.
 DISTINCT = ("active_users", "paying_users")
 # Growth accounting, per grain: the active users split by what they did in the previous period of that grain
@@ -49,7 +52,7 @@ ENTERED = ("entered_silent", "entered_sleeping", "entered_churned", "entered_dea
 class PeriodMetrics:
     """Accumulator of one period.  Plain attributes: the engine bumps them inline."""
 
-    __slots__ = (*ADDITIVE, *LATER_ADDITIVE, *DISTINCT, *GROWTH, "growth", "population", "new_users_by_channel",
+    __slots__ = (*ADDITIVE, *LATER, *DISTINCT, *GROWTH, "growth", "population", "new_users_by_channel",
                  "retention", "activation", "cohorts")
 
     # Declarations only (no class values, so no clash with __slots__): the counters are set
@@ -61,6 +64,8 @@ class PeriodMetrics:
     invites: int
     referred_signups: int
     first_purchases: int | None
+    referred_revenue: int | None
+    inviters: int | None
     entered_silent: int
     entered_sleeping: int
     entered_churned: int
@@ -75,7 +80,7 @@ class PeriodMetrics:
     prev_active: int
 
     def __init__(self) -> None:
-        for name in (*ADDITIVE, *LATER_ADDITIVE, *DISTINCT, *GROWTH):
+        for name in (*ADDITIVE, *LATER, *DISTINCT, *GROWTH):
             setattr(self, name, 0)
         self.growth = True  # the growth counts cover the whole period
         self.population: list[int] = [0] * len(STATES)
@@ -109,7 +114,7 @@ class PeriodMetrics:
         out.retention = _sum_retention(self.retention, other.retention)
         out.activation = _sum_retention(self.activation, other.activation)
         out.cohorts = _sum_known(self.cohorts, other.cohorts)
-        for name in LATER_ADDITIVE:
+        for name in LATER:
             setattr(out, name, _sum_optional(getattr(self, name), getattr(other, name)))
         return out
 
@@ -128,6 +133,8 @@ class PeriodMetrics:
         out.cohorts = None if self.cohorts is None else dict(self.cohorts)
         for name in LATER_ADDITIVE:
             setattr(out, name, _sum_optional(getattr(self, name), getattr(other, name)))
+        for name in LATER_DISTINCT:
+            setattr(out, name, getattr(self, name))
         return out
 
     # -- wire form (partials between worker and aggregator, state snapshots) --
@@ -136,7 +143,7 @@ class PeriodMetrics:
         if self.growth:
             for name in GROWTH:
                 data[name] = getattr(self, name)
-        for name in LATER_ADDITIVE:
+        for name in LATER:
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name)
         data["population"] = list(self.population)
@@ -156,7 +163,7 @@ class PeriodMetrics:
         if out.growth:
             for name in GROWTH:
                 setattr(out, name, int(data[name]))
-        for name in LATER_ADDITIVE:  # absent: written before it existed, unknown
+        for name in LATER:  # absent: written before it existed, unknown
             setattr(out, name, None if data.get(name) is None else int(data[name]))
         out.population = [int(x) for x in data["population"]]
         out.new_users_by_channel = {str(k): int(v) for k, v in data["new_users_by_channel"].items()}
@@ -170,7 +177,7 @@ class PeriodMetrics:
 
     def is_empty(self) -> bool:
         """No event, no entry and no user at all: a period before any data."""
-        return (not any(getattr(self, n) for n in (*ADDITIVE, *LATER_ADDITIVE, *DISTINCT, *GROWTH))
+        return (not any(getattr(self, n) for n in (*ADDITIVE, *LATER, *DISTINCT, *GROWTH))
                 and not any(self.population)
                 and not any(e or r for e, r in (self.retention or {}).values())
                 and not any(e or c for e, c in (self.activation or {}).values())
@@ -206,6 +213,8 @@ class PeriodMetrics:
             "new_users_by_channel": dict(sorted(self.new_users_by_channel.items())),
             "growth": self.growth_result(),
             "first_purchases": self.first_purchases,
+            "referred_revenue": None if self.referred_revenue is None else money(self.referred_revenue),
+            "inviters": self.inviters,
             "retention": self.retention_result(),
             "activation": self.activation_result(),
             **({} if self.cohorts is None else {"cohorts": dict(sorted(self.cohorts.items()))}),

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from kpimon.agents.core.batch import Tally
 from kpimon.agents.core.engine import WINDOW_NAMES, PartitionEngine
 from kpimon.agents.core.lifecycle import STATES
-from kpimon.agents.core.metrics import ADDITIVE, DISTINCT, PeriodMetrics
+from kpimon.agents.core.metrics import ADDITIVE, DISTINCT, LATER, PeriodMetrics
 from kpimon.streams.events import Reason
 
 PERIOD_METRICS = tuple(m for m in (*DISTINCT, *ADDITIVE) if m not in ("won_back_churned", "won_back_dead")) + (
@@ -29,7 +29,7 @@ PERIOD_METRICS = tuple(m for m in (*DISTINCT, *ADDITIVE) if m not in ("won_back_
 # Growth accounting of the open period so far, as metric="growth_<key>" (absent while a period's growth is
 # unknown, see PeriodMetrics.growth).
 GROWTH_GAUGES = ("new", "retained", "resurrected", "dormant")
-MONEY_METRICS = {"revenue", "refunds"}
+MONEY_METRICS = {"revenue", "refunds", "referred_revenue"}
 
 
 class KpimonMetrics:
@@ -137,8 +137,10 @@ class StateCollector(Collector):
                 growth = m.growth_result()
                 for key in GROWTH_GAUGES:
                     fam.add_metric([f"growth_{key}", str(grain)], growth[key])
-            if m.first_purchases is not None:  # unknown in a period open across an upgrade
-                fam.add_metric(["first_purchases", str(grain)], m.first_purchases)
+            for name in LATER:  # unknown (None) in a period open across an upgrade
+                v = getattr(m, name)
+                if v is not None:
+                    fam.add_metric([name, str(grain)], v / self._unit if name in MONEY_METRICS else v)
             for _, (eligible, converted) in (m.activation or {}).items():
                 fam.add_metric(["activation_eligible", str(grain)], eligible)
                 fam.add_metric(["activation_converted", str(grain)], converted)

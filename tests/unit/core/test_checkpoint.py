@@ -12,7 +12,7 @@ from kpimon.agents.core import checkpoint
 from kpimon.agents.core.checkpoint import CheckpointError
 from kpimon.agents.core.engine import EngineConfig, PartitionEngine
 from kpimon.agents.core.grains import GRAINS
-from kpimon.agents.core.metrics import GROWTH, PeriodMetrics
+from kpimon.agents.core.metrics import GROWTH, LATER, PeriodMetrics
 from kpimon.agents.worker.recovery import Replayer
 from kpimon.streams.events import Decoder
 from tests.factories import DAY, settings_factory, streams_of_events, to_lines, ts_ms_of
@@ -154,9 +154,13 @@ def test_a_format_1_checkpoint_from_the_previous_release_still_loads() -> None:
     for (grain, label, want), (_, _, have) in zip(closed, got, strict=True):
         h, w = PeriodMetrics.from_wire(have), PeriodMetrics.from_wire(want)
         if (grain, label) in open_then:
-            assert not h.growth and _without_new(have) == _without_new(want) and h.first_purchases is None
-        else:  # opened after the load: complete, growth and first purchases included
-            assert _without_new(have) == _without_new(want) and h.growth and h.first_purchases == w.first_purchases
+            assert not h.growth and _without_new(have) == _without_new(want)
+            assert h.first_purchases is h.inviters is h.referred_revenue is None
+        else:  # opened after the load: complete, growth, first purchases and inviters included
+            assert _without_new(have) == _without_new(want) and h.growth
+            assert (h.first_purchases, h.inviters) == (w.first_purchases, w.inviters)
+            # Referred revenue counts the users whose first signup this version applied (docs/metrics.md).
+            assert h.referred_revenue is not None
         first = cal.day_ordinal(cal.parse(grain, label).start_ms)
         for name in ("retention", "activation"):
             assert getattr(h, name) == {n: v for n, v in getattr(w, name).items()
@@ -175,8 +179,7 @@ def test_a_format_1_checkpoint_from_the_previous_release_still_loads() -> None:
 
 def _without_new(wire: dict) -> dict:
     """A period's numbers without those a format-1 checkpoint cannot have: growth, retention and cohorts."""
-    return {k: v for k, v in wire.items() if k not in (*GROWTH, "retention", "activation", "cohorts",
-                                                       "first_purchases")}
+    return {k: v for k, v in wire.items() if k not in (*GROWTH, *LATER, "retention", "activation", "cohorts")}
 
 
 def _growth_free(state: dict) -> dict:

@@ -581,6 +581,37 @@ CASES.append(Case(
     },
 ))
 
+# referral value: referred revenue and inviters
+
+ev = events_factory()
+CASES.append(Case(
+    # u1 signs up with a referrer and purchases at the same instant (counted), then is refunded.  u2 purchases
+    # before its referred signup (not counted) and after it (counted).  u3's first signup has no referrer, its
+    # second has one: not referred.  u1 invites twice on Jan 1 and again on Jan 8, u3 on Jan 2.
+    id="referred-revenue-and-inviters",
+    events=[ev("u1", "signup", "2024-01-01T08:00:00Z", referrer_id="r"),
+            ev("u1", "purchase", "2024-01-01T08:00:00Z", amount="10.00"),
+            ev("u2", "purchase", "2024-01-01T08:30:00Z", amount="5.00"),
+            ev("u2", "signup", "2024-01-01T09:00:00Z", referrer_id="u1"),
+            ev("u3", "signup", "2024-01-01T09:30:00Z"),
+            ev("u1", "invite", "2024-01-01T10:00:00Z"), ev("u1", "invite", "2024-01-01T11:00:00Z"),
+            ev("u1", "refund", "2024-01-02T08:00:00Z", amount="3.00"),
+            ev("u3", "signup", "2024-01-02T09:00:00Z", referrer_id="u1"),
+            ev("u3", "purchase", "2024-01-02T10:00:00Z", amount="4.00"),
+            ev("u3", "invite", "2024-01-02T11:00:00Z"),
+            ev("u2", "purchase", "2024-01-03T10:00:00Z", amount="7.00"),
+            ev("u1", "invite", "2024-01-08T10:00:00Z")],
+    until=ms("2024-02-01T00:00:00Z"),
+    expect={
+        ("day", "2024-01-01"): {"referred_revenue": "10.00", "inviters": 1, "invites": 2, "revenue": "15.00"},
+        ("day", "2024-01-02"): {"referred_revenue": "-3.00", "inviters": 1},
+        ("day", "2024-01-03"): {"referred_revenue": "7.00", "inviters": 0},
+        ("week", "2024-W01"): {"referred_revenue": "14.00", "inviters": 2, "invites": 3},
+        ("week", "2024-W02"): {"referred_revenue": "0.00", "inviters": 1, "invites": 1},
+        ("month", "2024-01"): {"referred_revenue": "14.00", "inviters": 2, "invites": 4, "referred_signups": 2},
+    },
+))
+
 PARAMS = [pytest.param(case, impl, id=f"{case.id}|{impl}") for case in CASES for impl in _impls(case)]
 
 

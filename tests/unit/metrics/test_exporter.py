@@ -100,6 +100,8 @@ def test_state_gauges_are_computed_at_scrape_time_and_summed_over_partitions(reg
     assert get("kpimon_period_retention_users", {"grain": "month", "n": "d30", "kind": "eligible"}) == 0
     # a's purchase is a first purchase; its activation (purchase within 7 days of the signup day) is due on Jan 8.
     assert get("kpimon_period_value", {"metric": "first_purchases", "grain": "month"}) == 1
+    assert get("kpimon_period_value", {"metric": "referred_revenue", "grain": "month"}) == 0  # a was not referred
+    assert get("kpimon_period_value", {"metric": "inviters", "grain": "month"}) == 0
     assert get("kpimon_period_value", {"metric": "activation_eligible", "grain": "month"}) == 1
     assert get("kpimon_period_value", {"metric": "activation_converted", "grain": "month"}) == 1
     # A partition that cannot know the 7-day retention of the month: absent, not a partial sum.
