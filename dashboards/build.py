@@ -310,6 +310,24 @@ def lifecycle_aarrr() -> dashboard.Dashboard:
                            'metric=~"active_users|new_users|paying_users|entered_sleeping|entered_churned"})',
                            "{{metric}}")), 16, 10)
 
+    lay.row("Acquisition efficiency and referral value (open $grain)")
+    value = 'sum(kpimon_period_value{{grain="$grain", metric="{}"}})'
+    for title, expr, unit, decimals, what in (
+            ("First purchases", value.format("first_purchases"), "short", 0,
+             "Users whose first ever purchase falls in the open $grain so far."),
+            ("Activation so far", f'{value.format("activation_converted")} / '
+                                  f'({value.format("activation_eligible")} > 0)', "percentunit", 1,
+             "Of the new users whose activation window (activation.window_days) ended in the open $grain so far, "
+             "the share who purchased within it. No value while nobody is eligible."),
+            ("Referred revenue", value.format("referred_revenue"), "short", 2,
+             "Net revenue so far from users whose first signup had a referrer."),
+            ("Inviters", value.format("inviters"), "short", 0, "Distinct users who sent an invite so far."),
+            ("Invite conversion", f'{value.format("referred_signups")} / ({value.format("invites")} > 0)',
+             "percentunit", 1, "Referred signups per invite so far (referred_signups / invites)."),
+    ):
+        lay.add(stat_panel(title, expr, unit=unit, decimals=decimals,
+                           description=what + " Final numbers: the period report (docs/metrics.md)."), 4, 5)
+
     lay.row("Growth accounting (open $grain)")
     growth = 'sum(kpimon_period_value{{grain="$grain", metric="growth_{}"}})'
     lay.add(ts_panel("Growth accounting so far",

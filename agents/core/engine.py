@@ -202,6 +202,7 @@ class PartitionEngine:
         self.cohorts_since = NEVER
         self._cohort_labels: dict[int, tuple[str, ...]] = {}  # signup day -> its cohorts' labels
         self._start_sds: list[int] = []  # the first day of each open period (as a signup day number)
+        self._max_n = max(cfg.retention_days)
         # Revenue (signed minor units) of accepted purchases and refunds by user and pending instant, until the
         # instant is applied: then it is referred revenue if the user's first signup had a referrer.
         self.pending_revenue: dict[str, dict[int, int]] = {}
@@ -560,14 +561,16 @@ class PartitionEngine:
                     sd = (v >> SD_SHIFT) & SD_MASK
                     if sd:
                         # N-day retention: active on the Nth day after the signup day.
-                        counts = day.retention.get(self._sd - sd)  # type: ignore[union-attr]
-                        if counts is not None:
-                            counts[1] += 1
+                        if self._sd - sd <= self._max_n:
+                            counts = day.retention.get(self._sd - sd)  # type: ignore[union-attr]
+                            if counts is not None:
+                                counts[1] += 1
                         # Cohorts: active in this week / month for the first time.
-                        for g, label in zip(COHORT_GRAINS, self._cohorts_of(sd)):
-                            if a < periods[g].start_ms:
-                                cohorts = accs[g].cohorts
-                                cohorts[label] = cohorts.get(label, 0) + 1  # type: ignore[union-attr,index]
+                        if a < periods[1].start_ms or a < periods[2].start_ms:
+                            for g, label in zip(COHORT_GRAINS, self._cohorts_of(sd)):
+                                if a < periods[g].start_ms:
+                                    cohorts = accs[g].cohorts
+                                    cohorts[label] = cohorts.get(label, 0) + 1  # type: ignore[union-attr,index]
         # The user is in zone 0 now, with state v.  What the event does (agents/core/effects.py), but for
         # its flows, applied on arrival.
         eff = EFFECTS[code]

@@ -287,3 +287,39 @@ def test_generate_speed() -> None:
 
 def _ts(e: dict) -> int:
     return Decoder().decode(orjson.dumps(e)).ts
+
+
+def test_simulated_traffic_moves_every_user_operations_metric(history: list[bytes]) -> None:
+    """The demo's traffic moves retention, cohorts, growth accounting, activation, first purchases and referral
+    value (issue 10's numbers), under the packaged settings, through the worker's code path."""
+    from tests.pure_pipeline import run_pipeline
+
+    settings = load()
+    dec = Decoder(settings.money.decimals)
+    until = max(dec.decode(line).ts for line in history[-1000:]) + settings.lateness
+    report = run_pipeline(history, settings, 2, until)
+    months = [m for (grain, _), m in report.items() if grain == "month"]
+    assert len(months) >= 3
+
+    def total(get) -> int:
+        return sum(get(m) or 0 for m in months)
+
+    for name, get in {
+        "retention.d1.retained": lambda m: m["retention"]["d1"]["retained"],
+        "retention.d7.retained": lambda m: m["retention"]["d7"]["retained"],
+        "retention.d30.retained": lambda m: m["retention"]["d30"]["retained"],
+        "activation.converted": lambda m: m["activation"]["converted"],
+        "first_purchases": lambda m: m["first_purchases"],
+        "inviters": lambda m: m["inviters"],
+        "referred_revenue": lambda m: Decimal(m["referred_revenue"]),
+        "growth.retained": lambda m: m["growth"]["retained"],
+        "growth.resurrected": lambda m: m["growth"]["resurrected"],
+        "growth.dormant": lambda m: m["growth"]["dormant"],
+    }.items():
+        assert total(get) > 0, name
+    later = sum(n for (grain, label), m in report.items() if grain == "month"
+                for cohort, n in m["cohorts"].items() if cohort != label)
+    assert later > 0  # signup cohorts active in later months
+    # and none of them is all there is: retention and activation are rates below 1
+    assert 0 < total(lambda m: m["retention"]["d7"]["retained"]) < total(lambda m: m["retention"]["d7"]["eligible"])
+    assert 0 < total(lambda m: m["activation"]["converted"]) < total(lambda m: m["activation"]["eligible"])
