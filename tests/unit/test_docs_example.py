@@ -37,9 +37,9 @@ def _cell(value) -> str:
     return f'"{value}"' if isinstance(value, str) else str(value)
 
 
-def test_the_worked_example_is_what_kpimon_reports() -> None:
-    section = _section()
-    block = re.search(r"```jsonl\n(.*?)```", section, re.S)
+def _worked_example_report():
+    """The worked example's input through the worker's code path."""
+    block = re.search(r"```jsonl\n(.*?)```", _section(), re.S)
     assert block is not None
     lines = [line.encode() for line in block.group(1).splitlines() if line.strip()]
     # The example's settings: the defaults (thresholds 7d / 14d / 30d / 90d, retention 1, 7, 30 days, activation
@@ -47,7 +47,12 @@ def test_the_worked_example_is_what_kpimon_reports() -> None:
     s = settings_factory(lifecycle={"silent_after": "7d", "sleeping_after": "14d", "churned_after": "30d",
                                     "dead_after": "90d", "warning_state": "sleeping"},
                          retention={"days": [1, 7, 30]}, activation={"window_days": 7})
-    report = run_pipeline(lines, s, 1, ms("2024-04-01T00:00:00Z"))
+    return run_pipeline(lines, s, 1, ms("2024-04-01T00:00:00Z"))
+
+
+def test_the_worked_example_is_what_kpimon_reports() -> None:
+    section = _section()
+    report = _worked_example_report()
     months = [report[("month", m)] for m in MONTHS]
     table = _table(section)
     checked = 0
@@ -82,13 +87,7 @@ def test_the_cohort_table_example_in_operations_md_is_what_kpimon_cohorts_prints
     """docs/operations.md's `kpimon cohorts --report` example, on the worked example's report."""
     from tests.cli_support import invoke
 
-    block = re.search(r"```jsonl\n(.*?)```", _section(), re.S)
-    assert block is not None
-    lines = [line.encode() for line in block.group(1).splitlines() if line.strip()]
-    s = settings_factory(lifecycle={"silent_after": "7d", "sleeping_after": "14d", "churned_after": "30d",
-                                    "dead_after": "90d", "warning_state": "sleeping"},
-                         retention={"days": [1, 7, 30]}, activation={"window_days": 7})
-    report = run_pipeline(lines, s, 1, ms("2024-04-01T00:00:00Z"))
+    report = _worked_example_report()
     (tmp_path / "report.json").write_text(json.dumps({"periods": [
         {"grain": grain, "period": label, "metrics": metrics} for (grain, label), metrics in report.items()]}))
     ops = (DOC.parent / "operations.md").read_text()
