@@ -94,11 +94,13 @@ def test_expiry_deletes_the_rows_on_disk(tmp_path, monkeypatch):
     from kpimon.agents.worker import dedup_store
 
     monkeypatch.setattr(dedup_store, "EXPIRE_BUDGET", 100)  # several commits per bucket
+    monkeypatch.setattr(dedup_store, "MULTI_GET_KEYS", 7)  # and each commit's reads in several multi-gets
     store = RocksDedup.open(str(tmp_path / "d"), "x", H)
     ids = [f"id{i}" for i in range(1000)]
     store.add(ids, [T0] * 1000)
     store.add(["late"], [T0 + 5 * BUCKET_MS])
     store.commit(1)
+    assert store.seen([*ids, "never", "late"]) == [True] * 1000 + [False, True]  # 143 multi-gets, in order
     store.expire(T0 + BUCKET_MS + H)
     assert store.seen(ids[:3]) == [False] * 3  # forgotten at once, deleted later
     assert len(store) == 1
