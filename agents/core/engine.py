@@ -340,16 +340,18 @@ class PartitionEngine:
             acc = self.ahead[start] = self.new_acc()
         return acc
 
+    def _ahead_day(self, sd: int) -> PeriodMetrics:
+        """The accumulator of the day numbered ``sd`` (as in a user's state), a day not open yet."""
+        return self._ahead(self.cal.periods_of_day(sd - 1 + EPOCH_ORD)[0].start_ms)
+
     def _signed_up(self, sd: int, purchased_today: bool) -> None:
         """A first signup on the open day (``sd``): eligible for N-day retention N days later and for activation
         W days later (converted already if the user purchased earlier today), and in its cohorts at offset 0
         (active in its own week and month)."""
-        ordinal = sd - 1 + EPOCH_ORD
-        periods_of_day = self.cal.periods_of_day
         for n in self.cfg.retention_days:
-            self._ahead(periods_of_day(ordinal + n)[0].start_ms).retention[n][0] += 1  # type: ignore[index]
+            self._ahead_day(sd + n).retention[n][0] += 1  # type: ignore[index]
         w = self.cfg.activation_days
-        counts = self._ahead(periods_of_day(ordinal + w)[0].start_ms).activation[w]  # type: ignore[index]
+        counts = self._ahead_day(sd + w).activation[w]  # type: ignore[index]
         counts[0] += 1
         if purchased_today:
             counts[1] += 1
@@ -361,11 +363,9 @@ class PartitionEngine:
     def _purchased_in_window(self, sd: int, lp: int) -> None:
         """A purchase within the activation window of a signup on day ``sd``, the previous one at ``lp``: the first
         such purchase converts the user (a previous one on or after the signup day already did)."""
-        periods_of_day = self.cal.periods_of_day
-        ordinal = sd - 1 + EPOCH_ORD
-        if lp < periods_of_day(ordinal)[0].start_ms:
+        if lp < self.cal.periods_of_day(sd - 1 + EPOCH_ORD)[0].start_ms:
             w = self.cfg.activation_days
-            self._ahead(periods_of_day(ordinal + w)[0].start_ms).activation[w][1] += 1  # type: ignore[index]
+            self._ahead_day(sd + w).activation[w][1] += 1  # type: ignore[index]
 
     def _cohorts_of(self, sd: int) -> tuple[str, ...]:
         """The labels of the cohorts (COHORT_GRAINS) of a signup day."""
