@@ -1,7 +1,8 @@
 """Restart time after a SIGKILL, for histories of different lengths over the same user base.
 
     python3 -m benchmarks.restart [--events 1000000,20000000] [--users 100000] [--fold-users N] [--partitions 4]
-                                  [--checkpoint-interval 10s] [--no-checkpoints] [--reference-max 2000000]
+                                  [--checkpoint-interval 10s] [--no-checkpoints] [--restarts 3]
+                                  [--reference-max 2000000]
 
 For each history size, on one Apache Kafka broker, with a fresh deployment (own topic prefix, own
 ``worker.state_dir``):
@@ -16,13 +17,15 @@ For each history size, on one Apache Kafka broker, with a fresh deployment (own 
    backfill's last interval;
 3. read the state log's written (end offsets) and kept (end - start offsets) records and the newest
    checkpoint's bytes, SIGKILL the worker, produce a small extra batch (``--extra`` events of known
-   users just after W1) and a marker W2 = W1 + 2 days, and restart the worker.  Timed from the
-   restart (Popen): "recovered" = the worker's ``recovered N partitions`` log line appears;
-   "first batch" = the state log's end offsets grow past where they were at the kill;
-4. check the report: every period closed before the kill is republished unchanged, no period key is
-   ever published with two different values, accepted = before + extra; and, for sizes up to
-   ``--reference-max``, the final report equals that of an uninterrupted worker on a second
-   deployment given the same input (history, W1, settle marker, extra events, W2).
+   users just after the last marker) and a marker two days later, and restart the worker; once it
+   has processed them, again (``--restarts`` times, default 3).  Timed from each restart (Popen):
+   "assigned" = the worker log's first partition assignment; "recovered" = its ``recovered N
+   partitions`` log line appears; "first batch" = the state log's end offsets grow past where they
+   were at the kill.  Each phase is reported as the median over the restarts;
+4. check the report: every period closed before the first kill is republished unchanged, no period
+   key is ever published with two different values, accepted = before + the extra events; and, for
+   sizes up to ``--reference-max``, the final report equals that of an uninterrupted worker on a
+   second deployment given the same input (history, W1, settle marker, the extra events and markers).
 
 Prints one row per size and the ratio of the largest to the smallest size; writes
 benchmarks/results/restart.json.  No assertion on timing.
@@ -36,6 +39,7 @@ import collections
 import os
 import re
 import signal
+import statistics
 import tempfile
 import time
 import uuid
@@ -172,10 +176,10 @@ def periods_consistent(bootstrap: str, topic: str) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------ input
-def extra_events(n: int, users: int, after_ms: int) -> list[bytes]:
+def extra_events(n: int, users: int, after_ms: int, tag: str = "") -> list[bytes]:
     """``n`` events of known users (the simulator's ``u%07d`` ids) within the hour after ``after_ms``."""
     kinds = ("page_view", "login", "app_open", "session_start")
-    return [orjson.dumps({"event_id": f"restart-extra-{i}", "user_id": f"u{(i * 7919) % users:07d}",
+    return [orjson.dumps({"event_id": f"restart-extra-{tag}{i}", "user_id": f"u{(i * 7919) % users:07d}",
                           "type": kinds[i % len(kinds)], "ts": after_ms + 1 + i * 3_600_000 // max(1, n)})
             for i in range(n)]
 
@@ -252,8 +256,6 @@ def run_size(bootstrap: str, tmp: str, n: int, args: argparse.Namespace) -> dict
     count, w1, lines, produce_s = produce_history(dep, n, args.users, keep=use_reference, fold=args.fold_users)
     print(f"[{n:,}] generated and produced {count:,} lines in {produce_s:.0f}s", flush=True)
     admin.send_watermark(bootstrap, dep.topics.events, dep.partitions, w1)
-    extra = extra_events(args.extra, args.fold_users or args.users, w1 + 1)
-    w2 = w1 + 2 * DAY_MS
 
     reader = bf.PeriodsReader(bootstrap, dep.topics.periods)
     state_log = Offsets(bootstrap, dep.topics.state_log, dep.partitions)
@@ -279,32 +281,17 @@ def run_size(bootstrap: str, tmp: str, n: int, args: argparse.Namespace) -> dict
         written, start = state_log.end(), state_log.start()
         cp_bytes, cp_kept = checkpoint_bytes(bootstrap, dep.topics.checkpoints, dep.partitions)
 
-        dep.kill()
-        at_kill = state_log.end()
-        asyncio.run(_live.produce_fast(bootstrap, dep.topics.events, dep.partitions, extra))
-        admin.send_watermark(bootstrap, dep.topics.events, dep.partitions, w2)
-
-        t0, wall0 = time.perf_counter(), time.time()
-        dep.spawn()
-        recovered_s = first_s = None
-        in_process_s = None
-        while recovered_s is None or first_s is None:
-            dep.check()
-            now = time.perf_counter() - t0
-            if recovered_s is None:
-                m = _RECOVERED.search(dep.log_text().encode())
-                if m:
-                    recovered_s, in_process_s = now, float(m.group(2))
-            if first_s is None and state_log.end() > at_kill:
-                first_s = now
-            if now > 1800:
-                raise SystemExit(f"no recovery within 1800s\n{dep.log_text()[-3000:]}")
-            time.sleep(0.02)
-        restart_log = dep.log_text().encode()
-        joined = assigned_at(restart_log)
-        assigned_s = None if joined is None else joined - wall0
-        tail_records = sum(int(m.group(2)) for m in _RECOVERED_P.finditer(restart_log))
-        wait_watermark(dep, reader, w2)
+        extras: list[list[bytes]] = []
+        marks: list[int] = []
+        timings: list[dict[str, Any]] = []
+        mark = w1
+        for k in range(args.restarts):
+            extra = extra_events(args.extra, args.fold_users or args.users, mark + 1, tag=f"{k}-")
+            mark += 2 * DAY_MS
+            extras.append(extra)
+            marks.append(mark)
+            timings.append(restart_once(dep, state_log, extra, mark))
+            wait_watermark(dep, reader, mark)
         reader.poll(500)
         final = report_of(dep, reader)
     finally:
@@ -316,14 +303,14 @@ def run_size(bootstrap: str, tmp: str, n: int, args: argparse.Namespace) -> dict
     final_periods = {(p["grain"], p["period"]): p for p in final["periods"]}
     changed = [p for p in pre["periods"] if final_periods.get((p["grain"], p["period"])) != p]
     keys, differing = periods_consistent(bootstrap, dep.topics.periods)
-    accepted_ok = final["events"]["accepted"] == pre["events"]["accepted"] + len(extra)
+    accepted_ok = final["events"]["accepted"] == pre["events"]["accepted"] + sum(map(len, extras))
     checks = {"pre_kill_periods": len(pre["periods"]), "final_periods": len(final["periods"]),
               "pre_kill_periods_changed": len(changed), "period_keys_with_two_values": differing,
               "accepted_before": pre["events"]["accepted"], "accepted_after": final["events"]["accepted"],
               "accepted_is_before_plus_extra": accepted_ok}
     if use_reference:
         assert lines is not None
-        checks["reference_equal"] = reference_report(bootstrap, tmp, n, args, lines, w1, extra, w2) == final
+        checks["reference_equal"] = reference_report(bootstrap, tmp, n, args, lines, w1, extras, marks) == final
         lines.clear()
     ok = (not changed and not differing and accepted_ok and checks.get("reference_equal", True))
     row = {"events": count, "users": args.users, "users_folded": args.fold_users, "partitions": args.partitions,
@@ -331,16 +318,57 @@ def run_size(bootstrap: str, tmp: str, n: int, args: argparse.Namespace) -> dict
            "produce_s": produce_s, "process_s": process_s, "settled": settled,
            "state_log_written": written, "state_log_kept": written - start,
            "checkpoints_written": checkpoints_written, "checkpoint_commits_kept": cp_kept,
-           "checkpoint_bytes": cp_bytes, "tail_records_replayed": tail_records,
-           "restart_to_assigned_s": assigned_s, "restart_to_recovered_s": recovered_s,
-           "recover_in_process_s": in_process_s,
-           "restart_to_first_batch_s": first_s, "report_checks": checks, "report_ok": ok}
+           "checkpoint_bytes": cp_bytes,
+           # each phase: the median over the restarts (every restart's figures under "restarts")
+           **{key: _median([t[key] for t in timings]) for key in PHASES},
+           "restarts": timings, "report_checks": checks, "report_ok": ok}
     print(f"[{n:,}] {row}", flush=True)
     return row
 
 
+def restart_once(dep: Deployment, state_log: Offsets, extra: list[bytes], mark: int) -> dict[str, Any]:
+    """SIGKILL the worker, produce ``extra`` and a watermark marker ``mark`` while it is down, restart it;
+    the restart's timings."""
+    dep.kill()
+    at_kill = state_log.end()
+    asyncio.run(_live.produce_fast(dep.bootstrap, dep.topics.events, dep.partitions, extra))
+    admin.send_watermark(dep.bootstrap, dep.topics.events, dep.partitions, mark)
+
+    t0, wall0 = time.perf_counter(), time.time()
+    dep.spawn()
+    recovered_s = first_s = None
+    in_process_s = None
+    while recovered_s is None or first_s is None:
+        dep.check()
+        now = time.perf_counter() - t0
+        if recovered_s is None:
+            m = _RECOVERED.search(dep.log_text().encode())
+            if m:
+                recovered_s, in_process_s = now, float(m.group(2))
+        if first_s is None and state_log.end() > at_kill:
+            first_s = now
+        if now > 1800:
+            raise SystemExit(f"no recovery within 1800s\n{dep.log_text()[-3000:]}")
+        time.sleep(0.02)
+    restart_log = dep.log_text().encode()
+    joined = assigned_at(restart_log)
+    return {"restart_to_assigned_s": None if joined is None else joined - wall0,
+            "restart_to_recovered_s": recovered_s, "recover_in_process_s": in_process_s,
+            "restart_to_first_batch_s": first_s,
+            "tail_records_replayed": sum(int(m.group(2)) for m in _RECOVERED_P.finditer(restart_log))}
+
+
+def _median(values: list[Any]) -> Any:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+PHASES = ("tail_records_replayed", "restart_to_assigned_s", "restart_to_recovered_s", "recover_in_process_s",
+          "restart_to_first_batch_s")
+
+
 def reference_report(bootstrap: str, tmp: str, n: int, args: argparse.Namespace, lines: list[bytes], w1: int,
-                     extra: list[bytes], w2: int) -> dict[str, Any]:
+                     extras: list[list[bytes]], marks: list[int]) -> dict[str, Any]:
     """The report of an uninterrupted worker given the same input on a second deployment."""
     worker = {"checkpoints": not args.no_checkpoints, "checkpoint_interval": args.checkpoint_interval,
               "session_timeout": args.session_timeout}
@@ -348,12 +376,13 @@ def reference_report(bootstrap: str, tmp: str, n: int, args: argparse.Namespace,
     asyncio.run(_live.produce_fast(bootstrap, ref.topics.events, ref.partitions, lines))
     admin.send_watermark(bootstrap, ref.topics.events, ref.partitions, w1)
     admin.send_watermark(bootstrap, ref.topics.events, ref.partitions, w1 + 1)
-    asyncio.run(_live.produce_fast(bootstrap, ref.topics.events, ref.partitions, extra))
-    admin.send_watermark(bootstrap, ref.topics.events, ref.partitions, w2)
+    for extra, mark in zip(extras, marks, strict=True):
+        asyncio.run(_live.produce_fast(bootstrap, ref.topics.events, ref.partitions, extra))
+        admin.send_watermark(bootstrap, ref.topics.events, ref.partitions, mark)
     reader = bf.PeriodsReader(bootstrap, ref.topics.periods)
     try:
         ref.spawn()
-        wait_watermark(ref, reader, w2)
+        wait_watermark(ref, reader, marks[-1])
         reader.poll(500)
         return report_of(ref, reader)
     finally:
@@ -379,6 +408,9 @@ def main() -> None:
                          "33,383 users); 0: off")
     ap.add_argument("--no-checkpoints", action="store_true", help="worker.checkpoints: false (full replay)")
     ap.add_argument("--extra", type=int, default=2000, help="events produced while the worker is down")
+    ap.add_argument("--restarts", type=int, default=3,
+                    help="SIGKILL and restart this many times per size; each phase is reported as the median "
+                         "(a single restart's process start-up and group join vary by ~0.3 s on a shared machine)")
     ap.add_argument("--reference-max", type=int, default=2_000_000,
                     help="compare with an uninterrupted worker's report up to this size")
     ap.add_argument("--out", default=str(_live.RESULTS / "restart.json"))
@@ -409,6 +441,8 @@ def main() -> None:
               f"{r['restart_to_assigned_s'] or float('nan'):13.2f} {r['restart_to_recovered_s']:14.2f} "
               f"{r['recover_in_process_s']:12.2f} {r['restart_to_first_batch_s']:16.2f} "
               f"{'same' if r['report_ok'] else 'DIFF':>7}")
+        print(f"{'':11} first batch after each restart: "
+              + ", ".join(f"{t['restart_to_first_batch_s']:.2f} s" for t in r["restarts"]))
     ratios = {}
     if len(rows) > 1:
         lo, hi = rows[0], rows[-1]
