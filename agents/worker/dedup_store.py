@@ -411,10 +411,11 @@ class RocksDedup:
         """How many ids are staged (not committed)."""
         return len(self._cur.ids) + sum(len(g.ids) for g in self._gens)
 
-    def commit(self, position: int, upto: int | None = None, check: int | None = None) -> None:
+    def commit(self, position: int, upto: int | None = None, check: int | None = None, tidy: bool = True) -> None:
         """Write the generations sealed up to ``upto`` (all, sealing the current one, if None) and the meta
         key -- ``position`` (the state-log position those records reach) and ``check`` (the source end of
-        the record just before it) -- in one atomic write; then forget them from memory."""
+        the record just before it) -- in one atomic write; then forget them from memory.  ``tidy=False``
+        leaves the rows of expired ids for the next commit (they already read as forgotten)."""
         db = self._db
         assert db is not None, "dedup store is closed"
         if upto is None:
@@ -434,7 +435,8 @@ class RocksDedup:
             for b, c in g.delta.items():
                 counts[b] = counts.get(b, 0) + c
         wb = WriteBatch(raw_mode=True)
-        self._expire_rows(wb, keep, puts)
+        if tidy:
+            self._expire_rows(wb, keep, puts)
         if puts:
             # Rows (digest -> bucket) in the default family, in the order of the digests: the memtable's skip
             # list inserts a key next to the previous one cheaply (2-3x faster than in random order).  And the

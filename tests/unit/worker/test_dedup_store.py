@@ -341,3 +341,17 @@ def test_a_commit_survives_the_process_being_killed(tmp_path):
     assert store.seen([f"id-{i}" for i in range(5000)]) == [True] * 5000
     assert store.seen(["staged"]) == [False]
     store.close()
+
+
+def test_a_commit_that_does_not_tidy_leaves_expired_rows_to_the_next(tmp_path):
+    """Recovery's last commit (tidy=False) deletes nothing; the worker's next commit deletes the expired rows."""
+    store = RocksDedup.open(str(tmp_path / "d"), "x", H)
+    store.add([f"old-{i}" for i in range(100)], [T0] * 100)
+    store.commit(1)
+    store.expire(T0 + BUCKET_MS + H)
+    store.commit(2, tidy=False)
+    assert store.seen(["old-0"]) == [False]  # forgotten at once
+    assert sum(len(d) == 16 for d, _ in store._db.items()) == 100
+    store.commit(3)
+    assert sum(len(d) == 16 for d, _ in store._db.items()) == 0
+    store.close()
