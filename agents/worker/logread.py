@@ -55,7 +55,7 @@ async def read_to_end(bootstrap: str, topic: str, partitions: list[int],
                     yield tp.partition, msg
             if reached and not got:
                 break  # past the end offsets, and nothing more already fetched
-            if not reached and (got or blind):
+            if not reached:
                 positions = [await reader.position(tp) for tp in tps]
                 if all(pos >= ends[tp] for pos, tp in zip(positions, tps)):
                     if not got:
