@@ -340,9 +340,13 @@ class PartitionEngine:
             acc = self.ahead[start] = self.new_acc()
         return acc
 
+    def _day_start(self, sd: int) -> int:
+        """The start of the day numbered ``sd`` (as in a user's state)."""
+        return self.cal.periods_of_day(sd - 1 + EPOCH_ORD)[0].start_ms
+
     def _ahead_day(self, sd: int) -> PeriodMetrics:
-        """The accumulator of the day numbered ``sd`` (as in a user's state), a day not open yet."""
-        return self._ahead(self.cal.periods_of_day(sd - 1 + EPOCH_ORD)[0].start_ms)
+        """The accumulator of the day numbered ``sd``, a day not open yet."""
+        return self._ahead(self._day_start(sd))
 
     def _signed_up(self, sd: int, purchased_today: bool) -> None:
         """A first signup on the open day (``sd``): eligible for N-day retention N days later and for activation
@@ -363,7 +367,7 @@ class PartitionEngine:
     def _purchased_in_window(self, sd: int, lp: int) -> None:
         """A purchase within the activation window of a signup on day ``sd``, the previous one at ``lp``: the first
         such purchase converts the user (a previous one on or after the signup day already did)."""
-        if lp < self.cal.periods_of_day(sd - 1 + EPOCH_ORD)[0].start_ms:
+        if lp < self._day_start(sd):
             w = self.cfg.activation_days
             self._ahead_day(sd + w).activation[w][1] += 1  # type: ignore[index]
 

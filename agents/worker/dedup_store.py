@@ -169,7 +169,7 @@ def _options() -> Options:
     # A bloom filter on the memtable too: most lookups are misses (new ids), 4 µs -> 0.7 µs each.
     opts.set_memtable_whole_key_filtering(True)
     opts.set_memtable_prefix_bloom_ratio(0.1)
-    # A write-ahead log, not synced (WRITE_OPTIONS): a killed process loses no commit (the log is in the OS's
+    # A write-ahead log, not synced (RocksDedup._open): a killed process loses no commit (the log is in the OS's
     # page cache), so a restart finds the store where the worker left it and recovery reads no records before
     # the newest checkpoint.  A machine crash can lose the latest commits as a whole (the column families
     # flush together), and recovery re-adds their ids from the state log past the position that survived.
