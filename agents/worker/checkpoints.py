@@ -248,8 +248,9 @@ class Checkpointer:
 
         if not self.enabled:
             return {}, {}  # nothing is deleted then; a log truncated anyway is refused on its first record
-        found = await read(self.bootstrap, self.topics.checkpoints, partitions)
-        return found, await log_starts(self.bootstrap, self.topics.state_log, partitions)
+        found, starts = await asyncio.gather(read(self.bootstrap, self.topics.checkpoints, partitions),
+                                             log_starts(self.bootstrap, self.topics.state_log, partitions))
+        return found, starts
 
     def resume(self, p: int, base: Commit | None, found: Found | None) -> None:
         """Partition ``p`` was recovered from ``base`` (or from the log's beginning): keep it and the older

@@ -43,7 +43,12 @@ it once that record is acknowledged by the state log.  So the store never
 holds an id whose record could be lost: after a crash the events of
 unacknowledged records are consumed again and must not look like duplicates.
 The oldest bucket kept is staged the same way (a record's watermark is
-persisted with that record only).
+persisted with that record only).  A commit goes to RocksDB's write-ahead
+log, not synced: it survives the worker being killed (the log is in the
+OS's page cache), so a restarted worker's store is at the position it
+committed last, and recovery reads no state-log records before the newest
+checkpoint for it.  After a machine crash the store may be behind; recovery
+re-adds the ids it lacks from the state log.
 
 Memory: one block cache shared by every store of the process
 (:data:`CACHE_BYTES`, index and filter blocks included, partitioned in 4 KiB
@@ -95,6 +100,7 @@ log = logging.getLogger("kpimon.dedup")
 
 CACHE_BYTES = 32 * 1024 * 1024  # the block cache of all stores of a process
 WRITE_BUFFER_BYTES = 4 * 1024 * 1024  # per memtable; at most 2 per column family
+MAX_WAL_BYTES = 32 * 1024 * 1024  # write-ahead log kept per store before its memtables are flushed
 EXPIRE_BUDGET = 50_000  # ids of expired buckets deleted per commit (whole journal entries: one more at most)
 JOURNAL_CHUNK = 4096  # ids per journal entry at most
 MULTI_GET_KEYS = 1000  # keys per multi-get (_get_many)
@@ -163,9 +169,12 @@ def _options() -> Options:
     # A bloom filter on the memtable too: most lookups are misses (new ids), 4 µs -> 0.7 µs each.
     opts.set_memtable_whole_key_filtering(True)
     opts.set_memtable_prefix_bloom_ratio(0.1)
-    # No write-ahead log: a crash loses the latest commits as a whole (the column families flush together),
-    # and recovery re-adds their ids from the state log past the position that survived.
+    # A write-ahead log, not synced (RocksDedup._open): a killed process loses no commit (the log is in the OS's
+    # page cache), so a restart finds the store where the worker left it and recovery reads no records before
+    # the newest checkpoint.  A machine crash can lose the latest commits as a whole (the column families
+    # flush together), and recovery re-adds their ids from the state log past the position that survived.
     opts.set_atomic_flush(True)
+    opts.set_max_total_wal_size(MAX_WAL_BYTES)
     return opts
 
 
@@ -235,7 +244,7 @@ class RocksDedup:
                 raise StoreLocked(f"{self.path}: {err}") from err
             raise
         wo = WriteOptions()
-        wo.disable_wal = True  # type: ignore[method-assign,assignment]  # a property; the stub says method
+        wo.sync = False
         db.set_write_options(wo)
         self._db = db
         self._journal: Any = db.get_column_family(JOURNAL)
@@ -259,8 +268,8 @@ class RocksDedup:
     def close(self) -> None:
         """Flush what is committed and close; what is staged is dropped."""
         if self._db is not None:
-            # Without a write-ahead log the memtables must reach disk: the journal first, so that a crash in
-            # between leaves at worst journal entries without rows (harmless), never rows without entries.
+            # The memtables to disk (the next open replays no log): the journal first, so that a machine crash
+            # in between leaves at worst journal entries without rows (harmless), never rows without entries.
             self._journal.flush()
             self._db.flush()
             self._journal = self._jh = None  # they hold the database open too
@@ -402,10 +411,11 @@ class RocksDedup:
         """How many ids are staged (not committed)."""
         return len(self._cur.ids) + sum(len(g.ids) for g in self._gens)
 
-    def commit(self, position: int, upto: int | None = None, check: int | None = None) -> None:
+    def commit(self, position: int, upto: int | None = None, check: int | None = None, tidy: bool = True) -> None:
         """Write the generations sealed up to ``upto`` (all, sealing the current one, if None) and the meta
         key -- ``position`` (the state-log position those records reach) and ``check`` (the source end of
-        the record just before it) -- in one atomic write; then forget them from memory."""
+        the record just before it) -- in one atomic write; then forget them from memory.  ``tidy=False``
+        leaves the rows of expired ids for the next commit (they already read as forgotten)."""
         db = self._db
         assert db is not None, "dedup store is closed"
         if upto is None:
@@ -425,7 +435,8 @@ class RocksDedup:
             for b, c in g.delta.items():
                 counts[b] = counts.get(b, 0) + c
         wb = WriteBatch(raw_mode=True)
-        self._expire_rows(wb, keep, puts)
+        if tidy:
+            self._expire_rows(wb, keep, puts)
         if puts:
             # Rows (digest -> bucket) in the default family, in the order of the digests: the memtable's skip
             # list inserts a key next to the previous one cheaply (2-3x faster than in random order).  And the

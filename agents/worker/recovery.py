@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -130,7 +131,10 @@ async def replay_partitions(cfg: EngineConfig, read: LogReader, partitions: list
     covering them, or recovery refuses (:class:`StateLogError`) -- it never
     starts from an empty state.
     """
+    started = time.monotonic()
     opened = {p: stores(p) for p in partitions} if stores is not None else {}
+    if opened:
+        log.info("dedup stores of partitions %s opened in %.2fs", partitions, time.monotonic() - started)
     try:
         out = await _replay(cfg, read, partitions, serving, opened, found or {}, starts or {}, track_users)
     except BaseException:
@@ -167,7 +171,9 @@ async def _replay(cfg: EngineConfig, read: LogReader, partitions: list[int], ser
         store = opened.get(p)
         if store is not None and hasattr(store, "commit"):
             store.replaying = False  # type: ignore[attr-defined]
-            store.commit(log_end, check=last_end)
+            # Expired rows are deleted by the worker's next commits: not all partitions' share at once here
+            # (up to EXPIRE_BUDGET ids each, ~0.15 s per store, before the first batch).
+            store.commit(log_end, check=last_end, tidy=False)
         out[p] = Recovered(engine, rp.offset, log_end, rp.applied, rp.skipped, closed, base)
     return out
 
@@ -193,6 +199,7 @@ async def _pass(cfg: EngineConfig, read: LogReader, partitions: list[int], track
     the log (stale: their replay is to be discarded and done again with the store wiped)."""
     replayers: dict[int, Replayer] = {}
     bases: dict[int, Commit] = {}
+    started = time.monotonic()
     for p in partitions:
         start = starts.get(p, 0)
         loaded = None
@@ -217,6 +224,7 @@ async def _pass(cfg: EngineConfig, read: LogReader, partitions: list[int], track
             tracking.restored(p, engine, commit.position)
         log.info("partition %d: checkpoint %s at state-log position %d restored (%d users)", p,
                  commit.digest[:12], commit.position, engine.user_count())
+    restored = time.monotonic()
     closed: dict[int, list[Closed]] = {p: [] for p in partitions}
     log_end = {p: bases[p].position if p in bases else starts.get(p, 0) for p in partitions}
     last_end: dict[int, int | None] = dict.fromkeys(partitions)
@@ -274,6 +282,8 @@ async def _pass(cfg: EngineConfig, read: LogReader, partitions: list[int], track
         if at is not None or (store is not None and hasattr(store, "commit")):
             if not getattr(store, "replaying", True) and store.staged() >= COMMIT_EVERY:  # type: ignore[union-attr]
                 store.commit(offset + 1, check=record.end)  # type: ignore[union-attr]
+    log.info("partitions %s: checkpoints restored in %.2fs, %d state-log records read in %.2fs", partitions,
+             restored - started, n, time.monotonic() - restored)
     for p, (position, _) in disk.items():
         if position > log_end[p]:
             stale.add(p)  # the log is shorter than what the store saw

@@ -314,3 +314,44 @@ def test_journal_entries_of_several_buckets_expire_exactly(tmp_path, monkeypatch
     del it
     assert not [d for d, _ in store._db.items() if len(d) == 16] and len(store) == 0
     store.close()
+
+
+def test_a_commit_survives_the_process_being_killed(tmp_path):
+    """The worker is SIGKILLed after a commit, without closing its store: the next open finds the commit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "d")
+    child = (
+        "import os, signal, sys\n"
+        "from kpimon.agents.worker.dedup_store import RocksDedup\n"
+        f"store = RocksDedup.open({path!r}, 'x', {H})\n"
+        f"store.add([f'id-{{i}}' for i in range(5000)], [{T0}] * 5000)\n"
+        "store.commit(7, check=99)\n"
+        f"store.add(['staged'], [{T0}])\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    assert os.path.isdir(path)
+    store = RocksDedup.open(path, "x", H)
+    assert (store.position, store.check) == (7, 99)
+    assert store.seen([f"id-{i}" for i in range(5000)]) == [True] * 5000
+    assert store.seen(["staged"]) == [False]
+    store.close()
+
+
+def test_a_commit_that_does_not_tidy_leaves_expired_rows_to_the_next(tmp_path):
+    """Recovery's last commit (tidy=False) deletes nothing; the worker's next commit deletes the expired rows."""
+    store = RocksDedup.open(str(tmp_path / "d"), "x", H)
+    store.add([f"old-{i}" for i in range(100)], [T0] * 100)
+    store.commit(1)
+    store.expire(T0 + BUCKET_MS + H)
+    store.commit(2, tidy=False)
+    assert store.seen(["old-0"]) == [False]  # forgotten at once
+    assert sum(len(d) == 16 for d, _ in store._db.items()) == 100
+    store.commit(3)
+    assert sum(len(d) == 16 for d, _ in store._db.items()) == 0
+    store.close()
