@@ -8,20 +8,14 @@ from unittest.mock import AsyncMock, patch
 import orjson
 import pytest
 
-from kpimon.agents.worker.app import create_app
 from kpimon.agents.worker.health import Health, describe
-from kpimon.config.settings import from_mapping
-from tests.agents.test_aggregate_agent import DAY, JAN1, delivered, partial, progress
+from tests.agents.conftest import agent_app, delivered, until
+from tests.agents.test_aggregate_agent import DAY, JAN1, partial, progress
 
 
 @pytest.fixture
 def app():
-    settings = from_mapping({"kafka": {"topic_prefix": "agentfail."}, "redis": {"enabled": False},
-                             "worker": {"web_port": 16067}}, "<test>", env={})
-    app = create_app(settings)
-    app.finalize()
-    app.conf.store = "memory://"
-    app.flow_control.resume()
+    app = agent_app("agentfail.", 16067)
     app.fatal_reasons = []
     app.kpimon_on_fatal = app.fatal_reasons.append  # what `kpimon worker` turns into exit code 1
     return app
@@ -29,13 +23,6 @@ def app():
 
 def crashes(app, loop: str) -> float:
     return app.kpimon_registry.get_sample_value("kpimon_loop_crashes_total", {"loop": loop})
-
-
-async def until(cond, timeout_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline
-        await asyncio.sleep(0.01)
 
 
 async def test_an_undecodable_partials_record_marks_aggregate_down_and_stops_the_worker(app):

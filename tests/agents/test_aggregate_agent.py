@@ -9,9 +9,8 @@ import orjson
 import pytest
 
 from kpimon.agents.core.metrics import PeriodMetrics
-from kpimon.agents.worker.app import create_app
-from kpimon.config.settings import from_mapping
 from kpimon.streams import topics as wire
+from tests.agents.conftest import agent_app, delivered, until
 
 DAY = 86_400_000
 JAN1 = 1_704_067_200_000
@@ -19,13 +18,7 @@ JAN1 = 1_704_067_200_000
 
 @pytest.fixture
 def app():
-    settings = from_mapping({"kafka": {"topic_prefix": "agenttest."}, "redis": {"enabled": False},
-                             "worker": {"web_port": 16066}}, "<test>", env={})
-    app = create_app(settings)
-    app.finalize()
-    app.conf.store = "memory://"
-    app.flow_control.resume()
-    return app
+    return agent_app("agenttest.", 16066)
 
 
 def partial(p: int, n: int, label: str, **values: int) -> bytes:
@@ -33,13 +26,6 @@ def partial(p: int, n: int, label: str, **values: int) -> bytes:
     for k, v in values.items():
         setattr(m, k, v)
     return wire.json_encode(wire.Partial(p, n, "day", label, JAN1, JAN1 + DAY, m.to_wire()))
-
-
-def delivered(**kwargs):
-    """What faust's ``topic.send`` returns: a future of the delivery, here already done."""
-    fut = asyncio.get_running_loop().create_future()
-    fut.set_result(None)
-    return fut
 
 
 def progress(p: int, n: int, wm: int, accepted: int = 0) -> bytes:
@@ -113,3 +99,41 @@ async def test_redelivered_partials_and_progress_change_nothing(app):
     closed = [v for v in values if isinstance(v, wire.ClosedPeriod)]
     assert len(closed) == 1  # a closed period is never re-emitted
     assert PeriodMetrics.from_wire(closed[0].metrics).orders == 3
+
+
+async def test_a_message_is_acknowledged_only_once_its_state_writes_are_on_the_changelog(app):
+    """faust commits the offsets of acknowledged messages, and its pre-commit flush may return with
+    writes still buffered: a message acknowledged before its writes were on the changelog would be
+    lost to a crash (not read again, its writes gone).  So the agent holds it until they are."""
+    sent = AsyncMock(side_effect=delivered)
+    with patch.object(app.kpimon_periods_topic, "send", sent), \
+            patch.object(app.kpimon_snapshots_topic, "send", AsyncMock(side_effect=delivered)):
+        async with app.kpimon_aggregate_agent.test_context() as agent:
+            app.changelog.hold()
+            first = await agent.put(partial(0, 1, "2024-01-01", orders=3))
+            await until(lambda: app.changelog.held)  # the partial's write is in flight
+            asyncio.ensure_future(agent.put(progress(0, 1, JAN1 + DAY)))
+            await asyncio.sleep(0.3)
+            assert not first.message.acked and sent.await_count == 0  # the next message waits
+            app.changelog.release()
+            await until(lambda: sent.await_count == 2)  # then the day closes, and the watermark notice
+            await until(lambda: first.message.acked)
+
+
+async def test_a_late_event_is_acknowledged_only_once_its_restatement_is_on_the_changelog(app):
+    snaps = AsyncMock(side_effect=delivered)
+    with patch.object(app.kpimon_periods_topic, "send", AsyncMock(side_effect=delivered)), \
+            patch.object(app.kpimon_snapshots_topic, "send", snaps):
+        async with app.kpimon_aggregate_agent.test_context() as agent:
+            await agent.put(partial(0, 1, "2024-01-01", orders=3, active_users=2))
+            await agent.put(progress(0, 1, JAN1 + DAY))
+        async with app.kpimon_restate_agent.test_context() as late:
+            app.changelog.hold()
+            event = await late.put(orjson.dumps({"event_id": "late-1", "user_id": "u1", "type": "purchase",
+                                                 "ts": JAN1 + 5000, "amount": "19.99"}),
+                                   headers={"kpimon-watermark": str(JAN1 + DAY + 60_000).encode()})
+            await until(lambda: snaps.await_count == 2)  # version 2 published, its ledger writes in flight
+            await asyncio.sleep(0.2)
+            assert app.changelog.held and not event.message.acked
+            app.changelog.release()
+            await until(lambda: event.message.acked)

@@ -2,35 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 from unittest.mock import AsyncMock, patch
 
 import pytest
 
 from kpimon.agents.core.metrics import PeriodMetrics
-from kpimon.agents.worker.app import create_app
-from kpimon.config.settings import from_mapping
 from kpimon.streams import topics as wire
+from tests.agents.conftest import agent_app, delivered
 
 MAR1 = 1_709_251_200_000
 APR1 = 1_711_929_600_000
 MAR16 = MAR1 + 15 * 86_400_000
 
 
-def delivered(**kwargs):
-    fut = asyncio.get_running_loop().create_future()
-    fut.set_result(None)
-    return fut
-
-
 @pytest.fixture
 def app():
-    settings = from_mapping({"kafka": {"topic_prefix": "livetest."}, "redis": {"enabled": False},
-                             "worker": {"web_port": 16067, "clock": "event"}, "kpis": "kpis.yaml"}, "<test>", env={})
-    app = create_app(settings, kpi_spec=settings.load_kpis())
-    app.finalize()
-    app.flow_control.resume()
-    return app
+    return agent_app("livetest.", 16067, kpis="kpis.yaml", clock="event")
 
 
 def progress(p: int, n: int, revenue: int, active: int, paying: int) -> bytes:

@@ -4,6 +4,7 @@ a corrupted newest checkpoint falls back to the previous one, and lost checkpoin
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -46,8 +47,18 @@ def _report_equals_reference(p, lines, until) -> dict:
     events = {"accepted": len(lines) - dups, "rejected": 0, "duplicates": dups, "late": 0}
     # On a mismatch, say where: the periods that differ, the event tally, and the workers' logs.
     wrong = {k: (got.get(k), want.get(k)) for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)}
+    if wrong or report["events"] != events:
+        _dump_topics(p)
     assert not wrong and report["events"] == events, (list(wrong.items())[:3], report["events"], events, p.log())
     return report
+
+
+def _dump_topics(p) -> None:
+    """On a mismatch: the partials and periods topics, record by record, next to the workers' logs."""
+    for name in ("partials", "periods"):
+        with open(os.path.join(p.workdir, f"{name}.txt"), "w") as fh:
+            for r in p.records(getattr(p.topics, name)):
+                fh.write(f"{r.partition} {r.offset} {r.timestamp} {r.key!r} {r.value!r}\n")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,69 @@
+"""The faust app in agent tests: faust's test_context, memory Tables, and no broker.
+
+With no broker, nothing would ever acknowledge a Table's changelog writes, and the agents wait for
+those acknowledgements before they take their next message (agents/worker/app.py ``LedgerTable``).
+:class:`Changelog` stands in for the producer's buffer: writes are acknowledged at once, or held
+until the test releases them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from kpimon.agents.worker.app import create_app
+from kpimon.config.settings import from_mapping
+
+
+def delivered(**kwargs: Any) -> asyncio.Future:
+    """What faust's ``topic.send`` returns: a future of the delivery, here already done."""
+    fut = asyncio.get_running_loop().create_future()
+    fut.set_result(None)
+    return fut
+
+
+class Changelog:
+    """The app producer's ``send_soon`` (where Table changelog writes go): acknowledged at once,
+    or, after :meth:`hold`, only when :meth:`release` is called."""
+
+    def __init__(self, app: Any) -> None:
+        self.held: list[asyncio.Future] | None = None
+        self.sent = 0
+        app.producer.send_soon = self.send_soon
+
+    def send_soon(self, fut: asyncio.Future) -> None:
+        self.sent += 1
+        if self.held is None:
+            fut.set_result(None)
+        else:
+            self.held.append(fut)
+
+    def hold(self) -> None:
+        self.held = []
+
+    def release(self) -> None:
+        held, self.held = self.held or [], None
+        for fut in held:
+            fut.set_result(None)
+
+
+async def until(cond: Any, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+
+
+def agent_app(prefix: str, web_port: int, kpis: str | None = None, **worker: Any) -> Any:
+    """A finalized app with memory Tables whose changelog writes are acknowledged (``app.changelog``)."""
+    data: dict[str, Any] = {"kafka": {"topic_prefix": prefix}, "redis": {"enabled": False},
+                            "worker": {"web_port": web_port, **worker}}
+    if kpis is not None:
+        data["kpis"] = kpis
+    settings = from_mapping(data, "<test>", env={})
+    app = create_app(settings, kpi_spec=settings.load_kpis() if kpis is not None else None)
+    app.finalize()
+    app.conf.store = "memory://"
+    app.flow_control.resume()
+    app.changelog = Changelog(app)
+    return app
