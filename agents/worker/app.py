@@ -42,6 +42,7 @@ from kpimon.agents.serving.snapshots import SnapshotStore
 from kpimon.agents.worker import instance as worker_instance
 from kpimon.agents.worker.health import Health
 from kpimon.agents.worker.ingest import IngestService
+from kpimon.agents.worker.inorder import Cursor
 from kpimon.errors import KpimonError
 from kpimon.streams import topics as wire
 from kpimon.streams.events import Decoder, Rejected
@@ -143,6 +144,7 @@ if TYPE_CHECKING:
         kpimon_snapshots_topic: faust.types.TopicT
         kpimon_restate_agent: faust.types.AgentT
         kpimon_aggregate_agent: faust.types.AgentT
+        kpimon_cursors: tuple[Cursor, Cursor]
 else:
     # At run time the app stays a plain faust.App: a subclass would change the class-derived
     # names faust and mode log under (the service label, the "faust.app.base" logger).
@@ -315,23 +317,41 @@ def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spe
                 start = Calendar(settings.timezone).parse(snap["grain"], snap["period"]).start_ms / 1000
                 await store.put(snap, raw, start)
 
+    # The next offset of each input to apply, kept in the agents' state (agents/worker/inorder.py).
+    partials_at = Cursor(state_table, "partials", topics.partials, settings.kafka.bootstrap)
+    late_at = Cursor(state_table, "late", topics.late, settings.kafka.bootstrap)
+    app.kpimon_cursors = (partials_at, late_at)
+
+    async def aggregate_one(raw: bytes, where: str) -> None:
+        try:
+            msg = wire.decode_partials(raw)
+        except (msgspec.DecodeError, TypeError) as err:
+            raise UndecodableRecord(f"undecodable record {where}: {err}") from None
+        step = close_step(aggregator, msg)
+        for out in step.publish:  # closed periods (each followed by its snapshot), then the watermark notice
+            key = f"{out.grain}/{out.period}" if isinstance(out, wire.ClosedPeriod) else "watermark"
+            await publish(periods_topic, key, wire.json_encode(out))
+            if isinstance(out, wire.ClosedPeriod):
+                tx = book.on_closed(out.grain, out.period, out.start, out.end, PeriodMetrics.from_wire(out.metrics))
+                await publish_snapshots(tx.snapshots)
+                book.commit(tx)
+        aggregator.mark_published(step.mark)
+
     @app.agent(partials_topic)
     @supervised("aggregate")
     async def aggregate(stream):
         async for raw in stream:
-            try:
-                msg = wire.decode_partials(raw)
-            except (msgspec.DecodeError, TypeError) as err:
-                raise UndecodableRecord(f"undecodable record {position(stream)}: {err}") from None
-            step = close_step(aggregator, msg)
-            for out in step.publish:  # closed periods (each followed by its snapshot), then the watermark notice
-                key = f"{out.grain}/{out.period}" if isinstance(out, wire.ClosedPeriod) else "watermark"
-                await publish(periods_topic, key, wire.json_encode(out))
-                if isinstance(out, wire.ClosedPeriod):
-                    tx = book.on_closed(out.grain, out.period, out.start, out.end, PeriodMetrics.from_wire(out.metrics))
-                    await publish_snapshots(tx.snapshots)
-                    book.commit(tx)
-            aggregator.mark_published(step.mark)
+            offset = stream.current_event.message.offset
+            expected = await partials_at.next()
+            if offset < expected:
+                continue  # applied already (redelivered after a crash or a rebalance)
+            if offset > expected:  # faust dropped the records in between
+                async for off, value, _ in partials_at.between(expected, offset):
+                    await aggregate_one(value, f"at {topics.partials}[0]@{off}")
+                    partials_at.set(off + 1)
+                    await state_table.written()
+            await aggregate_one(raw, position(stream))
+            partials_at.set(offset + 1)
             await state_table.written()  # before faust acknowledges the message (LedgerTable)
 
     late_decoder = Decoder(settings.money.decimals, min_epoch_ms=settings.min_epoch_ms)
@@ -341,19 +361,34 @@ def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spe
     async def restate(stream):
         """Late events never change a closed period: they become restatements (new versions)."""
         async for batch in stream.take_events(1000, within=1.0):
-            events = []
+            expected = start = await late_at.next()
+            events: list = []
             for event in batch:
-                try:
-                    ev = late_decoder.decode(event.value)
-                except Rejected:  # cannot happen for records the worker accepted as valid
-                    log.warning("undecodable record on the late topic skipped")
-                    continue
-                if restatable(ev, dict(event.message.headers or ())):
-                    events.append(ev)
+                offset = event.message.offset
+                if offset < expected:
+                    continue  # applied already (redelivered after a crash or a rebalance)
+                if offset > expected:  # faust dropped the records in between
+                    async for _, value, headers in late_at.between(expected, offset):
+                        take_late(value, headers, events)
+                take_late(event.value, event.message.headers, events)
+                expected = offset + 1
+            if expected == start:
+                continue
             tx = book.on_late(events)
             await publish_snapshots(tx.snapshots)
             book.commit(tx)
+            late_at.set(expected)
             await state_table.written()  # before faust acknowledges the batch (LedgerTable)
+
+    def take_late(value: bytes, headers: Any, events: list) -> None:
+        """Add the late event to ``events`` if it may be restated."""
+        try:
+            ev = late_decoder.decode(value)
+        except Rejected:  # cannot happen for records the worker accepted as valid
+            log.warning("undecodable record on the late topic skipped")
+            return
+        if restatable(ev, dict(headers or ())):
+            events.append(ev)
 
     def restatable(ev, headers: dict) -> bool:
         """A late event older than the dedup horizon may be a retry of an event counted long ago

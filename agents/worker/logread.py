@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 # Each short-lived reader's assign() logs its topics at INFO (faust prints them as a table):
@@ -12,7 +12,7 @@ logging.getLogger("aiokafka.consumer.subscription_state").setLevel(logging.WARNI
 
 
 async def read_to_end(bootstrap: str, topic: str, partitions: list[int],
-                      offsets: dict[int, int] | None = None) -> AsyncIterator[tuple[int, Any]]:
+                      offsets: dict[int, int] | None = None) -> AsyncGenerator[tuple[int, Any], None]:
     """Yield (partition, aiokafka ConsumerRecord) for every record of ``partitions``, in order per partition.
 
     ``offsets`` starts some partitions later than their first offset (where the

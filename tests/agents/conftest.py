@@ -3,7 +3,9 @@
 With no broker, nothing would ever acknowledge a Table's changelog writes, and the agents wait for
 those acknowledgements before they take their next message (agents/worker/app.py ``LedgerTable``).
 :class:`Changelog` stands in for the producer's buffer: writes are acknowledged at once, or held
-until the test releases them.
+until the test releases them.  The agents' input cursors (agents/worker/inorder.py) read what faust
+did not deliver from ``cursor.broker`` (offset -> (value, headers)) instead of a broker, and their
+topics start at offset 0.
 """
 
 from __future__ import annotations
@@ -54,6 +56,18 @@ async def until(cond: Any, timeout_s: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _zero() -> int:
+    return 0
+
+
+def _reader(records: dict[int, tuple[bytes, Any]]) -> Any:
+    async def read(start: int, stop: int):
+        for offset in sorted(records):
+            if offset >= start:
+                yield (offset, *records[offset])
+    return read
+
+
 def agent_app(prefix: str, web_port: int, kpis: str | None = None, **worker: Any) -> Any:
     """A finalized app with memory Tables whose changelog writes are acknowledged (``app.changelog``)."""
     data: dict[str, Any] = {"kafka": {"topic_prefix": prefix}, "redis": {"enabled": False},
@@ -66,4 +80,8 @@ def agent_app(prefix: str, web_port: int, kpis: str | None = None, **worker: Any
     app.conf.store = "memory://"
     app.flow_control.resume()
     app.changelog = Changelog(app)
+    for cursor in app.kpimon_cursors:
+        cursor.first = _zero
+        cursor.broker = {}
+        cursor.read = _reader(cursor.broker)
     return app

@@ -87,3 +87,17 @@ async def test_the_ledger_tables_can_be_written_after_a_batch_was_taken(app):
         book.pending["day/2024-01-01"] = [{"event_id": "late-1"}]
     assert [c.kwargs["partition"] for c in sent.call_args_list] == [0, 0]
     assert [c.kwargs["key"] for c in sent.call_args_list] == ["ledger/day/2024-01-01", "pending/day/2024-01-01"]
+
+
+async def test_partials_deleted_before_they_were_applied_stop_the_worker(app):
+    """A gap that the broker cannot fill (records deleted by retention) would make the numbers inexact."""
+    partials_at, _ = app.kpimon_cursors
+    with patch.object(app.kpimon_periods_topic, "send", AsyncMock(side_effect=delivered)), \
+            patch.object(app.kpimon_snapshots_topic, "send", AsyncMock(side_effect=delivered)):
+        async with app.kpimon_aggregate_agent.test_context() as agent:
+            partials_at.broker[2] = (partial(0, 1, "2024-01-01", orders=1), ())  # 0 and 1 are gone
+            agent.sent_offset = 3
+            asyncio.ensure_future(agent.put(progress(0, 1, JAN1 + DAY)))
+            await until(lambda: app.fatal_reasons)
+    (reason,) = app.fatal_reasons
+    assert type(reason).__name__ == "RecordsLost" and "records 0 to 1 were deleted" in str(reason)

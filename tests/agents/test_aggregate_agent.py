@@ -137,3 +137,63 @@ async def test_a_late_event_is_acknowledged_only_once_its_restatement_is_on_the_
             assert app.changelog.held and not event.message.acked
             app.changelog.release()
             await until(lambda: event.message.acked)
+
+
+async def test_partials_that_faust_did_not_deliver_are_read_from_the_broker_and_applied_first(app):
+    """faust can drop records fetched around a rebalance and go on past them (agents/worker/inorder.py)."""
+    sent = AsyncMock(side_effect=delivered)
+    partials_at, _ = app.kpimon_cursors
+    with patch.object(app.kpimon_periods_topic, "send", sent), \
+            patch.object(app.kpimon_snapshots_topic, "send", AsyncMock(side_effect=delivered)):
+        async with app.kpimon_aggregate_agent.test_context() as agent:
+            await agent.put(partial(0, 2, "2024-01-01", orders=3))  # offset 0
+            partials_at.broker[1] = (partial(1, 2, "2024-01-01", orders=4), ())  # offset 1: never delivered
+            agent.sent_offset = 2
+            await agent.put(progress(0, 2, JAN1 + DAY))
+            await agent.put(progress(1, 2, JAN1 + DAY))
+            await until(lambda: sent.await_count == 2)
+    closed = [v for v in (wire.decode_periods(c.kwargs["value"]) for c in sent.await_args_list)
+              if isinstance(v, wire.ClosedPeriod)]
+    assert [PeriodMetrics.from_wire(c.metrics).orders for c in closed] == [7]  # both partitions' partials
+    assert partials_at.refetched == 1 and await partials_at.next() == 4
+
+
+async def test_a_record_below_the_cursor_is_skipped_whatever_it_holds(app):
+    """A redelivery (after a crash or a rebalance) of a record already applied changes nothing, by its offset."""
+    sent = AsyncMock(side_effect=delivered)
+    with patch.object(app.kpimon_periods_topic, "send", sent), \
+            patch.object(app.kpimon_snapshots_topic, "send", AsyncMock(side_effect=delivered)):
+        async with app.kpimon_aggregate_agent.test_context() as agent:
+            await agent.put(partial(0, 1, "2024-01-01", orders=3))
+            agent.sent_offset = 0
+            await agent.put(partial(0, 1, "2024-01-01", orders=99))  # offset 0 again
+            await agent.put(progress(0, 1, JAN1 + DAY))
+            await until(lambda: sent.await_count == 2)
+    closed = wire.decode_periods(sent.await_args_list[0].kwargs["value"])
+    assert isinstance(closed, wire.ClosedPeriod) and PeriodMetrics.from_wire(closed.metrics).orders == 3
+
+
+async def test_late_events_that_faust_did_not_deliver_are_restated_too(app):
+    snaps = AsyncMock(side_effect=delivered)
+    _, late_at = app.kpimon_cursors
+    wm = [("kpimon-watermark", str(JAN1 + DAY + 60_000).encode())]
+
+    def late_event(i: int, amount: str) -> bytes:
+        return orjson.dumps({"event_id": f"late-{i}", "user_id": "u1", "type": "purchase", "ts": JAN1 + 5000,
+                             "amount": amount})
+
+    with patch.object(app.kpimon_periods_topic, "send", AsyncMock(side_effect=delivered)), \
+            patch.object(app.kpimon_snapshots_topic, "send", snaps):
+        async with app.kpimon_aggregate_agent.test_context() as agent:
+            await agent.put(partial(0, 1, "2024-01-01", orders=3, active_users=2))
+            await agent.put(progress(0, 1, JAN1 + DAY))
+        async with app.kpimon_restate_agent.test_context() as late:
+            late_at.broker[0] = (late_event(0, "10.00"), wm)  # never delivered
+            late.sent_offset = 1
+            await late.put(late_event(1, "1.00"), headers=dict(wm))
+            await until(lambda: snaps.await_count >= 2)
+            await asyncio.sleep(0.2)
+    day = [s for s in (orjson.loads(c.kwargs["value"]) for c in snaps.await_args_list) if s["grain"] == "day"]
+    assert [s["version"] for s in day] == [1, 2]
+    assert day[1]["delta"] == {"orders": 2, "revenue": "+11.00"}  # both late purchases, in one restatement
+    assert late_at.refetched == 1 and await late_at.next() == 2

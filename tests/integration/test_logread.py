@@ -1,4 +1,5 @@
-"""Reading an internal topic to its end (agents/worker/logread.py) on both brokers kpimon runs on.
+"""Reading an internal topic to its end (agents/worker/logread.py) on both brokers kpimon runs on, and the
+agents' input cursors that read what faust did not deliver (agents/worker/inorder.py).
 
 Recovery reads the checkpoints and the state log with ``read_to_end``: a
 record it misses is state lost, so every record must come back, in order,
@@ -14,6 +15,8 @@ import uuid
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from kpimon.agents.worker.checkpoints import delete_before
+from kpimon.agents.worker.inorder import Cursor, RecordsLost
 from kpimon.agents.worker.logread import log_starts, read_to_end
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -70,3 +73,38 @@ async def test_read_to_end_returns_every_record_in_order(broker) -> None:
     assert [m.value for m in later[1]] == sent[1][100:]
     assert [m.value for m in later[2]] == sent[2]
     assert await log_starts(broker.bootstrap, topic, list(range(PARTITIONS))) == dict.fromkeys(range(PARTITIONS), 0)
+
+
+
+async def _ten_records(bootstrap: str, topic: str) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20)
+    await producer.start()
+    try:
+        for i in range(10):
+            await producer.send(topic, value=f"r{i}".encode(), partition=0)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def test_a_cursor_reads_the_records_faust_did_not_deliver(broker) -> None:
+    """agents/worker/inorder.py on a real broker: the records of a range, in order."""
+    topic = f"cursor-{uuid.uuid4().hex[:10]}"
+    broker.create_topic(topic, partitions=1)
+    await _ten_records(broker.bootstrap, topic)
+    cursor = Cursor({}, "test", topic, broker.bootstrap)
+    assert await cursor.next() == 0  # no state yet: the topic's first offset
+    assert [(o, v) async for o, v, _ in cursor.between(3, 7)] == [(o, f"r{o}".encode()) for o in range(3, 7)]
+    cursor.set(7)
+    assert await cursor.next() == 7 and cursor.refetched == 4
+
+
+async def test_a_cursor_refuses_a_range_whose_records_were_deleted(kafka) -> None:
+    """Rather than apply what is left: the numbers would not be exact."""
+    topic = f"cursor-{uuid.uuid4().hex[:10]}"
+    kafka.create_topic(topic, partitions=1)
+    await _ten_records(kafka.bootstrap, topic)
+    await delete_before(kafka.bootstrap, {(topic, 0): 5})
+    with pytest.raises(RecordsLost, match="records 2 to 4 were deleted"):
+        _ = [r async for r in Cursor({}, "test", topic, kafka.bootstrap).between(2, 8)]
+    assert await Cursor({}, "test", topic, kafka.bootstrap).next() == 5
