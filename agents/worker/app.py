@@ -93,36 +93,10 @@ class LedgerTable(faust.Table):
     iteration`` because it takes the changelog partition from that event.
     With one partition it is always 0.  (The partition counts are verified
     before the worker starts: agents/cli/pipeline.py, streams/admin.py.)
-
-    It also keeps its changelog writes in flight, for :meth:`written`.  faust
-    flushes its producer before it commits a consumer offset, but that flush
-    gives up as soon as one buffered message takes over 0.1 s to go out (a
-    full batch waiting for the broker does), and the offset is committed all
-    the same.  A worker killed then has committed the offset of a message
-    whose state writes never reached the changelog: after the restart that
-    message is not read again, and its writes are lost (a period closed
-    again without one partition's partial).  So the agents wait for
-    :meth:`written` before they take their next message, and faust never
-    acknowledges a message whose writes are not on the changelog.
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._in_flight: set[asyncio.Future] = set()
 
     def partition_for_key(self, key: Any) -> int:
         return 0
-
-    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
-        fut = super().send_changelog(*args, **kwargs)
-        self._in_flight.add(fut)
-        fut.add_done_callback(self._in_flight.discard)
-        return fut
-
-    async def written(self) -> None:
-        """Wait until the broker acknowledged every changelog write made so far (re-raising a failed one)."""
-        if self._in_flight:
-            await asyncio.gather(*list(self._in_flight))
 
 
 if TYPE_CHECKING:
@@ -349,10 +323,8 @@ def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spe
                 async for off, value, _ in partials_at.between(expected, offset):
                     await aggregate_one(value, f"at {topics.partials}[0]@{off}")
                     partials_at.set(off + 1)
-                    await state_table.written()
             await aggregate_one(raw, position(stream))
             partials_at.set(offset + 1)
-            await state_table.written()  # before faust acknowledges the message (LedgerTable)
 
     late_decoder = Decoder(settings.money.decimals, min_epoch_ms=settings.min_epoch_ms)
 
@@ -378,7 +350,6 @@ def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spe
             await publish_snapshots(tx.snapshots)
             book.commit(tx)
             late_at.set(expected)
-            await state_table.written()  # before faust acknowledges the batch (LedgerTable)
 
     def take_late(value: bytes, headers: Any, events: list) -> None:
         """Add the late event to ``events`` if it may be restated."""

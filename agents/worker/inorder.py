@@ -10,7 +10,11 @@ changelog prefix as the state it produced), the offset of the next record to
 apply: a record below it was applied already and is skipped (a redelivery
 after a crash or a rebalance), and a record above it means that faust
 dropped the ones in between, which are read from the broker directly and
-applied first.  Records that the broker no longer holds (deleted by
+applied first.  The same check covers faust committing an offset before the
+state writes of the records below it reached the changelog (its pre-commit
+flush gives up after 0.1 s on one buffered message): after a crash the
+recovered cursor is below the committed offset, and the records in between
+are read from the broker.  Records that the broker no longer holds (deleted by
 retention before they were applied) stop the agent: the numbers could not
 be exact.
 """

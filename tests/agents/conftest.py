@@ -1,9 +1,6 @@
 """The faust app in agent tests: faust's test_context, memory Tables, and no broker.
 
-With no broker, nothing would ever acknowledge a Table's changelog writes, and the agents wait for
-those acknowledgements before they take their next message (agents/worker/app.py ``LedgerTable``).
-:class:`Changelog` stands in for the producer's buffer: writes are acknowledged at once, or held
-until the test releases them.  The agents' input cursors (agents/worker/inorder.py) read what faust
+The agents' input cursors (agents/worker/inorder.py) read what faust
 did not deliver from ``cursor.broker`` (offset -> (value, headers)) instead of a broker, and their
 topics start at offset 0.
 """
@@ -22,31 +19,6 @@ def delivered(**kwargs: Any) -> asyncio.Future:
     fut = asyncio.get_running_loop().create_future()
     fut.set_result(None)
     return fut
-
-
-class Changelog:
-    """The app producer's ``send_soon`` (where Table changelog writes go): acknowledged at once,
-    or, after :meth:`hold`, only when :meth:`release` is called."""
-
-    def __init__(self, app: Any) -> None:
-        self.held: list[asyncio.Future] | None = None
-        self.sent = 0
-        app.producer.send_soon = self.send_soon
-
-    def send_soon(self, fut: asyncio.Future) -> None:
-        self.sent += 1
-        if self.held is None:
-            fut.set_result(None)
-        else:
-            self.held.append(fut)
-
-    def hold(self) -> None:
-        self.held = []
-
-    def release(self) -> None:
-        held, self.held = self.held or [], None
-        for fut in held:
-            fut.set_result(None)
 
 
 async def until(cond: Any, timeout_s: float = 5.0) -> None:
@@ -69,7 +41,7 @@ def _reader(records: dict[int, tuple[bytes, Any]]) -> Any:
 
 
 def agent_app(prefix: str, web_port: int, kpis: str | None = None, **worker: Any) -> Any:
-    """A finalized app with memory Tables whose changelog writes are acknowledged (``app.changelog``)."""
+    """A finalized app with memory Tables and input cursors that need no broker."""
     data: dict[str, Any] = {"kafka": {"topic_prefix": prefix}, "redis": {"enabled": False},
                             "worker": {"web_port": web_port, **worker}}
     if kpis is not None:
@@ -79,7 +51,6 @@ def agent_app(prefix: str, web_port: int, kpis: str | None = None, **worker: Any
     app.finalize()
     app.conf.store = "memory://"
     app.flow_control.resume()
-    app.changelog = Changelog(app)
     for cursor in app.kpimon_cursors:
         cursor.first = _zero
         cursor.broker = {}

@@ -101,44 +101,6 @@ async def test_redelivered_partials_and_progress_change_nothing(app):
     assert PeriodMetrics.from_wire(closed[0].metrics).orders == 3
 
 
-async def test_a_message_is_acknowledged_only_once_its_state_writes_are_on_the_changelog(app):
-    """faust commits the offsets of acknowledged messages, and its pre-commit flush may return with
-    writes still buffered: a message acknowledged before its writes were on the changelog would be
-    lost to a crash (not read again, its writes gone).  So the agent holds it until they are."""
-    sent = AsyncMock(side_effect=delivered)
-    with patch.object(app.kpimon_periods_topic, "send", sent), \
-            patch.object(app.kpimon_snapshots_topic, "send", AsyncMock(side_effect=delivered)):
-        async with app.kpimon_aggregate_agent.test_context() as agent:
-            app.changelog.hold()
-            first = await agent.put(partial(0, 1, "2024-01-01", orders=3))
-            await until(lambda: app.changelog.held)  # the partial's write is in flight
-            asyncio.ensure_future(agent.put(progress(0, 1, JAN1 + DAY)))
-            await asyncio.sleep(0.3)
-            assert not first.message.acked and sent.await_count == 0  # the next message waits
-            app.changelog.release()
-            await until(lambda: sent.await_count == 2)  # then the day closes, and the watermark notice
-            await until(lambda: first.message.acked)
-
-
-async def test_a_late_event_is_acknowledged_only_once_its_restatement_is_on_the_changelog(app):
-    snaps = AsyncMock(side_effect=delivered)
-    with patch.object(app.kpimon_periods_topic, "send", AsyncMock(side_effect=delivered)), \
-            patch.object(app.kpimon_snapshots_topic, "send", snaps):
-        async with app.kpimon_aggregate_agent.test_context() as agent:
-            await agent.put(partial(0, 1, "2024-01-01", orders=3, active_users=2))
-            await agent.put(progress(0, 1, JAN1 + DAY))
-        async with app.kpimon_restate_agent.test_context() as late:
-            app.changelog.hold()
-            event = await late.put(orjson.dumps({"event_id": "late-1", "user_id": "u1", "type": "purchase",
-                                                 "ts": JAN1 + 5000, "amount": "19.99"}),
-                                   headers={"kpimon-watermark": str(JAN1 + DAY + 60_000).encode()})
-            await until(lambda: snaps.await_count == 2)  # version 2 published, its ledger writes in flight
-            await asyncio.sleep(0.2)
-            assert app.changelog.held and not event.message.acked
-            app.changelog.release()
-            await until(lambda: event.message.acked)
-
-
 async def test_partials_that_faust_did_not_deliver_are_read_from_the_broker_and_applied_first(app):
     """faust can drop records fetched around a rebalance and go on past them (agents/worker/inorder.py)."""
     sent = AsyncMock(side_effect=delivered)
