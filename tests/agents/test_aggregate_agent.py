@@ -62,13 +62,18 @@ async def test_a_period_closes_only_when_every_partition_passed_its_end(app):
     assert snapshot["hash"].startswith("sha256:")
 
 
+async def close_day(app, **values: int) -> None:
+    """Close 2024-01-01 on one partition with these numbers (the ledger records its version 1)."""
+    async with app.kpimon_aggregate_agent.test_context() as agent:
+        await agent.put(partial(0, 1, "2024-01-01", **values))
+        await agent.put(progress(0, 1, JAN1 + DAY))
+
+
 async def test_a_late_purchase_after_close_becomes_version_two(app):
     snaps = AsyncMock(side_effect=delivered)
     with patch.object(app.kpimon_periods_topic, "send", AsyncMock(side_effect=delivered)), \
             patch.object(app.kpimon_snapshots_topic, "send", snaps):
-        async with app.kpimon_aggregate_agent.test_context() as agent:
-            await agent.put(partial(0, 1, "2024-01-01", orders=3, active_users=2))
-            await agent.put(progress(0, 1, JAN1 + DAY))
+        await close_day(app, orders=3, active_users=2)
         async with app.kpimon_restate_agent.test_context() as late:
             # Refused against a watermark just past the day: within the dedup horizon, so it
             # cannot be a retry of a counted event, and it is restated.
@@ -146,9 +151,7 @@ async def test_late_events_that_faust_did_not_deliver_are_restated_too(app):
 
     with patch.object(app.kpimon_periods_topic, "send", AsyncMock(side_effect=delivered)), \
             patch.object(app.kpimon_snapshots_topic, "send", snaps):
-        async with app.kpimon_aggregate_agent.test_context() as agent:
-            await agent.put(partial(0, 1, "2024-01-01", orders=3, active_users=2))
-            await agent.put(progress(0, 1, JAN1 + DAY))
+        await close_day(app, orders=3, active_users=2)
         async with app.kpimon_restate_agent.test_context() as late:
             late_at.broker[0] = (late_event(0, "10.00"), wm)  # never delivered
             late.sent_offset = 1
