@@ -75,15 +75,6 @@ class UndecodableRecord(KpimonError):
     """A record on an internal topic that this kpimon cannot decode (another version, or not kpimon's)."""
 
 
-def position(stream) -> str:
-    """``topic[partition]@offset`` of the record a faust stream is processing."""
-    event = stream.current_event
-    if event is None:
-        return "(position unknown)"
-    msg = event.message
-    return f"at {msg.topic}[{msg.partition}]@{msg.offset}"
-
-
 class LedgerTable(faust.Table):
     """A one-partition Table that can be written outside a stream's iteration.
 
@@ -315,16 +306,10 @@ def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spe
     @supervised("aggregate")
     async def aggregate(stream):
         async for raw in stream:
-            offset = stream.current_event.message.offset
-            expected = await partials_at.next()
-            if offset < expected:
-                continue  # applied already (redelivered after a crash or a rebalance)
-            if offset > expected:  # faust dropped the records in between
-                async for off, value, _ in partials_at.between(expected, offset):
-                    await aggregate_one(value, f"at {topics.partials}[0]@{off}")
-                    partials_at.set(off + 1)
-            await aggregate_one(raw, position(stream))
-            partials_at.set(offset + 1)
+            record = (stream.current_event.message.offset, raw, None)
+            async for offset, value, _ in partials_at.through(await partials_at.next(), record):
+                await aggregate_one(value, f"at {topics.partials}[0]@{offset}")
+                partials_at.set(offset + 1)
 
     late_decoder = Decoder(settings.money.decimals, min_epoch_ms=settings.min_epoch_ms)
 
@@ -336,14 +321,10 @@ def create_app(settings: Any, registry: CollectorRegistry | None = None, kpi_spe
             expected = start = await late_at.next()
             events: list = []
             for event in batch:
-                offset = event.message.offset
-                if offset < expected:
-                    continue  # applied already (redelivered after a crash or a rebalance)
-                if offset > expected:  # faust dropped the records in between
-                    async for _, value, headers in late_at.between(expected, offset):
-                        take_late(value, headers, events)
-                take_late(event.value, event.message.headers, events)
-                expected = offset + 1
+                record = (event.message.offset, event.value, event.message.headers)
+                async for offset, value, headers in late_at.through(expected, record):
+                    take_late(value, headers, events)
+                    expected = offset + 1
             if expected == start:
                 continue
             tx = book.on_late(events)

@@ -58,6 +58,18 @@ class Cursor:
     def set(self, next_offset: int) -> None:
         self.state[self.key] = {"next": next_offset}
 
+    async def through(self, expected: int, record: Record) -> AsyncGenerator[Record, None]:
+        """What to apply for ``record`` (delivered by faust) when ``expected`` is the next offset to apply:
+        nothing if it was applied already; else the records faust dropped before it (read from the broker),
+        then it."""
+        offset = record[0]
+        if offset < expected:
+            return  # applied already (redelivered after a crash or a rebalance)
+        if offset > expected:  # faust dropped the records in between
+            async for missing in self.between(expected, offset):
+                yield missing
+        yield record
+
     async def between(self, start: int, stop: int) -> AsyncGenerator[Record, None]:
         """The records ``start`` to ``stop - 1``, read from the broker; :class:`RecordsLost` if any is gone."""
         log.warning("%s[0]: records %d to %d were not delivered by faust; read from the broker", self.topic, start,
