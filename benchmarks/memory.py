@@ -36,8 +36,11 @@ that the model emits about ``--rate`` events/s, ts = the wall clock, a
 (/proc/<pid>/status) every ``--interval`` seconds together with the accepted
 counter and the tracked population from /metrics.  ``--source pool`` replaces
 the simulator by uniform traffic over exactly ``--users`` user_ids (a strictly
-bounded user base).  The plateau check compares the RSS slope of the last half
-of the samples with that of the first half.  Dedup state (1 min) and closed
+bounded user base).  The plateau check looks at the samples after the
+warm-up: the first half of the run, or with ``--config default`` until the dedup
+horizon of event time is full plus 3 minutes (ids expire from then on, and the
+stores stop growing); the RSS slope there must be under 0.5 MB/min, or that of
+its second half under a quarter of its first half's (still settling).  Dedup state (1 min) and closed
 periods expire, so RSS should flatten once the user base is known; the
 simulator keeps signing up new users (users/90 per simulated day), which shows
 as a small residual slope next to the population column.
@@ -377,6 +380,10 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     return report_soak(samples, args, load_info, info, settings)
 
 
+SETTLE_S = 180  # soak --config default: seconds of warm-up after the dedup horizon is first full
+FLAT_MB_PER_MIN = 0.5  # the RSS slope after warm-up below which the curve counts as flat
+
+
 def report_soak(samples: list[dict], args: argparse.Namespace, load_info: dict, info: dict,
                 settings: Any) -> dict[str, Any]:
     lifecycle = settings.lifecycle.model_dump(mode="json")
@@ -395,7 +402,20 @@ def report_soak(samples: list[dict], args: argparse.Namespace, load_info: dict, 
     s1, s2 = per_min(first, "rss", mb), per_min(last, "rss", mb)
     u1, u2 = per_min(first, "population", 1), per_min(last, "population", 1)
     ratio = (s2 / s1) if s1 else None
-    plateau = s2 is not None and (abs(s2) < 0.5 or (s1 is not None and s1 > 0 and s2 < 0.25 * s1))
+    # Warm-up: with the default settings, until the dedup horizon of event time is full and its first ids have
+    # expired for a while (the store's size only stops growing then); otherwise the first half of the run.
+    if args.config == "default":
+        warm_s = settings.dedup_horizon / args.event_speed / 1000 + SETTLE_S
+    else:
+        warm_s = good[half]["t"] if good else 0.0
+    after = [s for s in good if s["t"] >= warm_s]
+    s_after = per_min(after, "rss", mb)
+    mid = len(after) // 2
+    sa, sb = per_min(after[:mid + 1], "rss", mb), per_min(after[mid:], "rss", mb)
+    plateau: bool | None = None
+    if len(after) >= 6 and s_after is not None:
+        plateau = abs(s_after) < FLAT_MB_PER_MIN or (sa is not None and sb is not None and sa > 0
+                                                     and sb < 0.25 * sa)
     # In the last half, how many RSS bytes came with each newly tracked user?
     per_new_user = None
     if len(last) >= 2 and last[-1]["population"] is not None and last[0]["population"] is not None:
@@ -417,10 +437,17 @@ def report_soak(samples: list[dict], args: argparse.Namespace, load_info: dict, 
         print(f"RSS first {good[0]['rss'] / mb:.1f} MB, peak {max(s['rss'] for s in good) / mb:.1f} MB, "
               f"last {good[-1]['rss'] / mb:.1f} MB; last/first-half slope ratio {fmt(ratio, '.2f', 1).strip()}; "
               f"last half: {fmt(per_new_user, ',.0f', 1).strip()} bytes of RSS per newly tracked user")
-    print("plateau: " + ("YES (last-half slope < 0.5 MB/min or < 25% of the first half's)" if plateau else
-                         "NO -- RSS still growing in the last half")
-          + "; each newly tracked user stays in memory for good, so a residual slope that matches "
-            "'tracked users/min' x bytes per user (benchmarks.memory --mode per-user) is not a leak")
+    if after:
+        print(f"after warm-up (from {warm_s:.0f}s, {len(after)} samples): RSS {min(x['rss'] for x in after) / mb:.1f}"
+              f"-{max(x['rss'] for x in after) / mb:.1f} MB, slope {fmt(s_after, '.2f', 1).strip()} MB/min "
+              f"(its halves {fmt(sa, '.2f', 1).strip()} and {fmt(sb, '.2f', 1).strip()})")
+    if plateau is None:
+        print(f"plateau: UNDECIDED -- fewer than 6 samples after the warm-up ({warm_s:.0f}s); run longer")
+    else:
+        print("plateau: " + (f"YES (after warm-up: slope < {FLAT_MB_PER_MIN} MB/min, or its second half's < 25% of "
+                             "its first half's)" if plateau else "NO -- RSS still growing after the warm-up")
+              + "; each newly tracked user stays in memory for good, so a residual slope that matches "
+                "'tracked users/min' x bytes per user (benchmarks.memory --mode per-user) is not a leak")
     target = 200 * args.users + 300 * mb
     disk_last = next((s["state_disk"] for s in reversed(samples) if s.get("state_disk") is not None), None)
     accepted_last = next((s["accepted"] for s in reversed(samples) if s.get("accepted") is not None), None)
@@ -444,7 +471,8 @@ def report_soak(samples: list[dict], args: argparse.Namespace, load_info: dict, 
             "state_disk_bytes_last": disk_last, "accepted_last": accepted_last,
             "samples": samples, "rss_slope_mb_per_min": {"first_half": s1, "last_half": s2},
             "population_slope_per_min": {"first_half": u1, "last_half": u2}, "slope_ratio": ratio,
-            "rss_bytes_per_new_user_last_half": per_new_user, "plateau": plateau, **load_info}
+            "rss_bytes_per_new_user_last_half": per_new_user, "warmup_s": warm_s,
+            "rss_slope_after_warmup_mb_per_min": s_after, "plateau": plateau, **load_info}
 
 
 # ---------------------------------------------------------------- main
